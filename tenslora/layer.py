@@ -1,0 +1,60 @@
+"""``AdaptedLinear``: a frozen ``nn.Linear`` plus a low-rank update served by a shared adapter."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tenslora.adapter import TensorAdapter
+
+
+class AdaptedLinear(nn.Module):
+    """``y = base(x) + scaling * dropout(x) @ A @ B`` with ``(A, B)`` from a :class:`TensorAdapter`.
+
+    The adapter is shared by several projections, so it is held by reference and registered only
+    once, on the model. ``merge()`` adds ``scaling * (A @ B).T`` to the base weight.
+    """
+
+    def __init__(self, base_layer: nn.Linear, adapter: TensorAdapter, batch_index: tuple[int, ...],
+                 scaling: float, dropout: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self._adapter = [adapter]  # a list: not a registered submodule
+        self.batch_index = batch_index
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+
+    @property
+    def adapter(self) -> TensorAdapter:
+        return self._adapter[0]
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update in ``nn.Linear`` layout: ``(d_out, d_in)``."""
+        a, b = self.adapter.pair(self.batch_index)
+        return self.scaling * (a @ b).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged or self.disabled:
+            return out
+        a, b = self.adapter.pair(self.batch_index)
+        update = (self.dropout(x).to(a.dtype) @ a) @ b
+        return out + (self.scaling * update).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            weight = self.base_layer.weight
+            weight += self.delta_weight().to(weight.device, weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            weight = self.base_layer.weight
+            weight -= self.delta_weight().to(weight.device, weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"batch_index={self.batch_index}, scaling={self.scaling:g}, merged={self.merged}"

@@ -1,0 +1,208 @@
+"""``TensLoRAModel``: inject tensor-factorized adapters into a Hugging Face model."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tenslora.adapter import TensorAdapter
+from tenslora.config import TensLoRAConfig, warn_ranks_above_sizes
+from tenslora.constructions import get_construction
+from tenslora.io import write_dir_atomic
+from tenslora.layer import AdaptedLinear
+from tenslora.layout import tensor_layout
+from tenslora.params import summary_line
+from tenslora.targets import check_fingerprint, find_head_modules, find_targets, fingerprint, model_shape
+from tenslora.tensor.factorized import FACTORIZATIONS
+
+CONFIG_FILE = "tenslora_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def adapter_generator(seed: int, name: str) -> torch.Generator:
+    """A generator of its own for each adapter, from the seed and the adapter's name."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class AdaptedModel(nn.Module):
+    """What TensLoRA and the PEFT LoRA baseline share: attribute delegation, task heads, saving.
+
+    Subclasses set ``base_model``, ``adapter_config``, ``shape`` and ``head_modules``.
+    """
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        model = self.base_model
+        return {f"head.{path}.{k}": v for path in self.head_modules
+                for k, v in model.get_submodule(path).state_dict().items()}
+
+    def load_head_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for path in self.head_modules:
+            prefix = f"head.{path}."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            _load_checked(self.base_model.get_submodule(path), state, f"head {path}")
+
+    def adapter_parameters(self) -> int:
+        """Trainable adapter parameters (task head excluded)."""
+        raise NotImplementedError
+
+    def print_trainable_parameters(self) -> None:
+        print(summary_line(self, self.adapter_parameters()))
+
+    def _config_record(self) -> dict:
+        return {"method": self.adapter_config.method, "config": self.adapter_config.to_dict(),
+                "model": fingerprint(self.base_model, self.shape), "head_modules": list(self.head_modules)}
+
+
+class TensLoRAModel(AdaptedModel):
+    """A model whose Q/K/V projections carry TensLoRA updates.
+
+    ``adapters[name]`` is a :class:`TensorAdapter` (tensor names: ``all``, ``layer_3``, ``query``,
+    ``query_layer_3`` depending on the construction). Calling the model opens one adapter pass, so
+    each tensor's slices are computed once per forward.
+    """
+
+    def __init__(self, model: nn.Module, config: TensLoRAConfig):
+        super().__init__()
+        if config.method != "tenslora":
+            raise ValueError(f"TensLoRAModel takes a tensor construction, not {config.construction!r}")
+        self.base_model = model
+        self.adapter_config = config
+        construction = get_construction(config.construction)
+        targets = find_targets(model, config.target_modules)
+        self.shape = model_shape(model, targets)
+        layout = tensor_layout(construction, self.shape)
+        ranks = config.mode_ranks()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        device = next(iter(model.parameters())).device
+        self.adapters = nn.ModuleDict()
+        for name, sizes in layout.items():
+            if config.factorization == "tucker":
+                warn_ranks_above_sizes({m: ranks[m] for m in sizes}, sizes, f"tensor {name!r}: ")
+                tensor = FACTORIZATIONS["tucker"](list(sizes.values()), [ranks[m] for m in sizes], list(sizes),
+                                                  init=config.init, generator=adapter_generator(config.seed, name))
+            else:
+                tensor = FACTORIZATIONS["cp"](list(sizes.values()), ranks["input"], list(sizes),
+                                              init=config.init, generator=adapter_generator(config.seed, name))
+            self.adapters[name] = TensorAdapter(tensor, construction).to(device)
+        self.layers: dict[tuple[int, str], AdaptedLinear] = {}
+        for t in targets:
+            parent_name, _, leaf = t.name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            adapter = self.adapters[construction.group_key(t.proj, t.layer)]
+            layer = AdaptedLinear(getattr(parent, leaf), adapter, construction.batch_index(t.proj_index, t.layer_index),
+                                  config.scaling, config.dropout)
+            setattr(parent, leaf, layer)
+            self.layers[(t.layer, t.proj)] = layer
+        self.head_modules = find_head_modules(model, config.modules_to_save)
+        for path in self.head_modules:
+            model.get_submodule(path).requires_grad_(True)
+
+    @contextlib.contextmanager
+    def adapter_pass(self):
+        """Compute every tensor's per-projection slices once for the enclosed forward."""
+        active = not any(layer.merged for layer in self.layers.values())
+        if active:
+            for adapter in self.adapters.values():
+                adapter.begin_pass()
+        try:
+            yield
+        finally:
+            for adapter in self.adapters.values():
+                adapter.end_pass()
+
+    def forward(self, *args, **kwargs):
+        with self.adapter_pass():
+            return self.base_model(*args, **kwargs)
+
+    # analysis -----------------------------------------------------------------------------
+    def adapter_parameters(self) -> int:
+        return sum(p.numel() for p in self.adapters.parameters())
+
+    def layer(self, layer: int, proj: str) -> AdaptedLinear:
+        try:
+            return self.layers[(layer, proj)]
+        except KeyError:
+            raise ValueError(f"no adapted projection {proj!r} in layer {layer}; adapted: "
+                             f"{sorted(self.layers)}") from None
+
+    def delta_weight(self, layer: int, proj: str) -> torch.Tensor:
+        """Dense update of one projection, ``(d_out, d_in)``, scaling included."""
+        return self.layer(layer, proj).delta_weight()
+
+    def folded_tensor(self, name: str = "all") -> torch.Tensor:
+        """The full reconstructed tensor ``name`` (modes as in ``adapters[name].tensor.mode_names``)."""
+        if name not in self.adapters:
+            raise ValueError(f"no adapter tensor {name!r}; tensors: {', '.join(self.adapters)}")
+        return self.adapters[name].tensor.full()
+
+    # merging --------------------------------------------------------------------------------
+    def merge(self) -> None:
+        for layer in self.layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge every update into its base weight and return the plain base model."""
+        self.merge()
+        for name, module in list(self.base_model.named_modules()):
+            if isinstance(module, AdaptedLinear):
+                parent_name, _, leaf = name.rpartition(".")
+                setattr(self.base_model.get_submodule(parent_name), leaf, module.base_layer)
+        return self.base_model
+
+    # saving -----------------------------------------------------------------------------------
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write ``tenslora_config.json`` and ``adapter_model.safetensors`` (adapter + head only)."""
+        from safetensors.torch import save_file
+        tensors = {f"adapters.{k}": v.detach().contiguous() for k, v in self.adapters.state_dict().items()}
+        tensors.update({k: v.detach().contiguous() for k, v in self.head_state().items()})
+
+        def fill(tmp: Path) -> None:
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(self._config_record(), indent=2))
+        return write_dir_atomic(path, fill)
+
+    def load_adapter_weights(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+        tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+        prefix = "adapters."
+        _load_checked(self.adapters, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                      "adapter")
+        self.load_head_state(tensors)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | Path, record: dict) -> "TensLoRAModel":
+        adapted = cls(model, TensLoRAConfig.from_dict(record["config"]))
+        check_fingerprint(record["model"], fingerprint(model, adapted.shape))
+        adapted.load_adapter_weights(path)
+        return adapted
+
+
+def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``module`` exactly: every key present, every shape equal."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{what} weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise ValueError(f"{what} weight {key!r} has shape {tuple(value.shape)} in the file, "
+                             f"{tuple(own[key].shape)} in the model")
+    module.load_state_dict(state)

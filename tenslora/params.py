@@ -1,0 +1,52 @@
+"""Predicted and actual trainable-parameter counts, and a PEFT-style summary line."""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from tenslora.config import TensLoRAConfig
+from tenslora.constructions import get_construction
+from tenslora.layout import tensor_layout
+from tenslora.targets import ModelShape
+
+
+def tucker_parameters(sizes: list[int], ranks: list[int]) -> int:
+    """``sum_i r_i d_i + prod_i r_i``."""
+    return sum(r * d for r, d in zip(ranks, sizes)) + math.prod(ranks)
+
+
+def cp_parameters(sizes: list[int], rank: int) -> int:
+    """``R * sum_i d_i``."""
+    return rank * sum(sizes)
+
+
+def lora_parameters(shape: ModelShape, rank: int) -> int:
+    """``r (d_in + d_out)`` for every adapted projection."""
+    return sum(rank * (shape.d_in + d_out) for d_out in shape.d_out) * len(shape.layers)
+
+
+def predict_adapter_parameters(config: TensLoRAConfig, shape: ModelShape) -> int:
+    """Trainable adapter parameters (task head excluded) for ``config`` on a model of ``shape``."""
+    ranks = config.mode_ranks()
+    if config.method == "lora":
+        return lora_parameters(shape, ranks["input"])
+    total = 0
+    for sizes in tensor_layout(get_construction(config.construction), shape).values():
+        if config.factorization == "tucker":
+            total += tucker_parameters(list(sizes.values()), [ranks[m] for m in sizes])
+        else:
+            total += cp_parameters(list(sizes.values()), ranks["input"])
+    return total
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, all)`` parameters, each shared parameter counted once."""
+    seen = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in seen if p.requires_grad), sum(p.numel() for p in seen)
+
+
+def summary_line(model: nn.Module, adapter: int) -> str:
+    trainable, total = count_trainable(model)
+    return (f"trainable params: {trainable:,} (adapter {adapter:,}, head {trainable - adapter:,}) || "
+            f"all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
