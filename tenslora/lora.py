@@ -16,16 +16,18 @@ from tenslora.targets import check_fingerprint, find_head_modules, find_targets,
 class LoraModel(AdaptedModel):
     """``peft.get_peft_model`` with a ``LoraConfig`` whose targets are found like TensLoRA's."""
 
-    def __init__(self, model: nn.Module, config: TensLoRAConfig, peft_model: nn.Module | None = None):
+    def __init__(self, model: nn.Module, config: TensLoRAConfig, load_from: str | Path | None = None):
         super().__init__()
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
         if config.method != "lora":
             raise ValueError(f"LoraModel takes construction 'lora', not {config.construction!r}")
         self.adapter_config = config
         self.targets = find_targets(model, config.target_modules)
         self.shape = model_shape(model, self.targets)
         self.head_modules = find_head_modules(model, config.modules_to_save)
-        if peft_model is None:
+        if load_from is not None:
+            peft_model = PeftModel.from_pretrained(model, str(load_from), is_trainable=True)
+        else:
             rank = config.mode_ranks()["input"]
             lora_config = LoraConfig(r=rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                      target_modules=[t.name for t in self.targets],
@@ -71,9 +73,7 @@ class LoraModel(AdaptedModel):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path, record: dict) -> "LoraModel":
-        from peft import PeftModel
         config = TensLoRAConfig.from_dict(record["config"])
         targets = find_targets(model, config.target_modules)
         check_fingerprint(record["model"], fingerprint(model, model_shape(model, targets)))
-        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
-        return cls(model, config, peft_model=peft_model)
+        return cls(model, config, load_from=path)

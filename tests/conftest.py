@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random Hugging Face models (built from configs, never downloaded)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def tiny_bert(num_labels: int = 3, layers: int = 3, hidden: int = 32, heads: int = 4, seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+    config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=2 * hidden, vocab_size=101, max_position_embeddings=64,
+                        num_labels=num_labels)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return BertForSequenceClassification(config).eval()
+
+
+def tiny_llama_gqa(num_labels: int = 2, seed: int = 0):
+    """A LLaMA-style decoder with grouped-query attention: 4 query heads, 2 key/value heads."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=101, num_labels=num_labels, pad_token_id=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def bert():
+    return tiny_bert()
