@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -52,6 +53,7 @@ _ATTENTION_RENAMES = (
     (".attention.attention.value.", ".attention.v_proj."),
     (".attention.output.dense.", ".attention.o_proj."),
 )
+_LOG = logging.getLogger(__name__)
 _MATMUL_NODE = re.compile(r"^/backbone/(encoder/layer\.\d+/[\w./]+)/MatMul$")
 
 
@@ -180,7 +182,8 @@ def read_onnx_backbone(onnx_path: str | os.PathLike | None = None, model=None) -
     if unused:
         raise RuntimeError(f"ONNX backbone initializers not mapped to Dinov2Model: {unused}")
     if cls_pos is None or patch_pos is None:
-        raise RuntimeError("position embeddings not found (expected /backbone/embeddings/Concat_6 and Reshape_1 inputs)")
+        raise RuntimeError("position embeddings not found "
+                           "(expected inputs of /backbone/embeddings/Concat_6 and /backbone/embeddings/Reshape_1)")
     weights["embeddings.position_embeddings"] = np.concatenate([cls_pos, patch_pos], axis=1)
 
     # ---- config from the graph ----
@@ -197,8 +200,9 @@ def read_onnx_backbone(onnx_path: str | os.PathLike | None = None, model=None) -
 
     # heads: the query Reshape target is Concat(batch, seq, [heads], [head_dim]).
     heads = None
+    query = [n.output[0] for n in graph.node if n.name == "/backbone/encoder/layer.0/attention/attention/query/Add"]
     for node in graph.node:
-        if node.op_type == "Reshape" and node.input[0] == "/backbone/encoder/layer.0/attention/attention/query/Add_output_0":
+        if node.op_type == "Reshape" and query and node.input[0] == query[0]:
             concat = producers.get(node.input[1])
             if concat is not None and concat.op_type == "Concat":
                 tail = [consts.get(i) for i in concat.input[-2:]]
@@ -426,6 +430,7 @@ def import_dinov2_small(cache_dir: str | os.PathLike | None = None, *, onnx_path
         return ImportResult(target, None, False)
     onnx_file = find_onnx_file(onnx_path)
     make_image_processor(image_size)  # validates image_size before the slow part
+    _LOG.info("importing %s from %s into %s", MODEL_NAME, onnx_file, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache dir should look like any other

