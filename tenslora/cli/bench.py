@@ -1,6 +1,46 @@
 """``tenslora bench``: benchmarks that print ratios against a baseline measured in the same run."""
 from __future__ import annotations
 
+import json
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks (timings are ratios to a same-run baseline).")
+
+
+@app.command("step-time")
+def step_time(
+    layers: int = typer.Option(12, help="Transformer layers."),
+    hidden: int = typer.Option(768, help="Hidden size."),
+    heads: int = typer.Option(12, help="Attention heads."),
+    batch: int = typer.Option(8, help="Sequences per batch."),
+    seq: int = typer.Option(128, help="Tokens per sequence."),
+    steps: int = typer.Option(10, help="Timed steps per configuration (median reported)."),
+    warmup: int = typer.Option(2, help="Untimed steps first."),
+    rank: int = typer.Option(8, help="LoRA rank and typical TensLoRA rank."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+    methods: str = typer.Option("", help="Comma-separated subset, e.g. 'lora,qkv_depth:tucker' (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a table."),
+) -> None:
+    """Median training-step time (forward, backward, AdamW) and peak memory vs PEFT LoRA r=RANK."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tenslora.bench import StepBench, default_methods, run_all
+    bench = StepBench(layers, hidden, heads, batch, seq, steps, warmup, threads, device, rank)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] or default_methods()
+    if "lora" not in chosen:
+        chosen = ["lora", *chosen]
+    console = Console(stderr=True)
+    rows = run_all(bench, chosen, progress=lambda r: console.print(f"  {r['method']}: {r['median_s']:.3f} s/step"))
+    if as_json:
+        print(json.dumps({"bench": bench.__dict__, "rows": rows}, indent=2))
+        return
+    table = Table(title=f"train step, {layers} layers x {hidden} hidden x {heads} heads, batch {batch}x{seq}, {device}")
+    for col in ("method", "median s/step", "x LoRA time", "peak MB", "x LoRA memory", "adapter params"):
+        table.add_column(col, justify="right" if col != "method" else "left", no_wrap=True)
+    for r in rows:
+        table.add_row(r["method"], f"{r['median_s']:.3f}", f"{r['time_ratio']:.3f}", f"{r['peak_mb']:.0f}",
+                      f"{r['memory_ratio']:.3f}", f"{r['adapter_parameters']:,}")
+    Console().print(table)
