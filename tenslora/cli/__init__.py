@@ -8,11 +8,13 @@ import typer
 
 from tenslora.cli import bench
 from tenslora.cli import models
+from tenslora.cli import sweep
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Tensor-factorized LoRA (TensLoRA / TensLoRA+) for transformers.")
 app.add_typer(bench.app, name="bench")
 app.add_typer(models.app, name="models")
+app.add_typer(sweep.app, name="sweep")
 
 
 def main() -> None:

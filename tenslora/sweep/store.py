@@ -255,3 +255,12 @@ class Store:
         with self.transaction() as c:
             c.execute("UPDATE jobs SET state = 'failed', error = ?, ended_at = ? WHERE name = ?",
                       (error, time.time(), name))
+
+    def set_where(self, name: str, host: str | None, device: str | None) -> None:
+        """Record where an attempt ran (Ray: the node), once known."""
+        with self.transaction() as c:
+            c.execute("UPDATE jobs SET host = COALESCE(?, host), device = COALESCE(?, device) WHERE name = ?",
+                      (host, device, name))
+            c.execute("UPDATE attempts SET host = COALESCE(?, host), device = COALESCE(?, device) "
+                      "WHERE job = ? AND attempt = (SELECT attempts FROM jobs WHERE name = ?)",
+                      (host, device, name, name))
