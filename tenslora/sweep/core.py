@@ -52,7 +52,7 @@ class BaseScheduler:
                  kill_grace_s: float = 10.0):
         from rich.console import Console
 
-        self.paths = SweepPaths(sweep_dir)
+        self.paths = SweepPaths(Path(sweep_dir).absolute())
         self.console = console or Console(highlight=False)
         self.poll_s = poll_s
         self.kill_grace_s = kill_grace_s

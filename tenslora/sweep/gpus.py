@@ -19,15 +19,15 @@ class Gpu:
 
 def choose_gpu(free_gb: Sequence[float | None], need_gb: float | None,
                assigned: Sequence[Sequence[float | None]], total_gb: Sequence[float | None] | None = None,
-               *, min_free_gb: float = 1.0) -> int | None:
+               *, pending_gb: Sequence[float] | None = None, min_free_gb: float = 1.0) -> int | None:
     """Pick the GPU (an index into ``free_gb``) for a job, or None if none can take it now.
 
     ``free_gb[i]``: free memory now (None: unknown); ``assigned[i]``: the declared needs of the jobs
     already placed on GPU i (None: a job that declared nothing and so owns the GPU); ``need_gb``:
-    the new job's need (None: it wants a whole GPU). A job that declared a need fits where
-    ``need <= min(free, total - sum(declared needs))``: memory the placed jobs have not allocated
-    yet is still reserved for them. Among the GPUs that fit, the least loaded (fewest jobs) wins,
-    then the one with the most memory left, then the lowest index.
+    the new job's need (None: it wants a whole GPU); ``pending_gb[i]``: the needs of jobs placed
+    on GPU i so recently that ``free`` does not show their memory yet. A job that declared a need
+    fits where ``need <= min(free - pending, total - sum(declared needs))``. Among the GPUs that
+    fit, the least loaded (fewest jobs) wins, then the one with the most room, then the lowest index.
     """
     best: tuple | None = None
     for i, free in enumerate(free_gb):
@@ -40,7 +40,9 @@ def choose_gpu(free_gb: Sequence[float | None], need_gb: float | None,
             room = free if free is not None else 0.0
         else:
             total = total_gb[i] if total_gb is not None and i < len(total_gb) else None
-            limits = [x for x in (free, None if total is None else total - sum(jobs)) if x is not None]
+            pending = pending_gb[i] if pending_gb is not None and i < len(pending_gb) else 0.0
+            limits = [x for x in (None if free is None else free - pending,
+                                  None if total is None else total - sum(jobs)) if x is not None]
             if not limits:
                 if jobs:
                     continue  # nothing known: one job per GPU

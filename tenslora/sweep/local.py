@@ -14,6 +14,7 @@ from tenslora.sweep.runner import acquire_job_lock, wrapper_command
 from tenslora.sweep.spec import job_argv
 
 _REFRESH_S = 1.0
+SETTLE_S = 60.0  # a job's GPU memory is assumed not to show in NVML's free memory before this
 
 
 class LocalScheduler(BaseScheduler):
@@ -106,7 +107,11 @@ class LocalScheduler(BaseScheduler):
         self._refresh_gpus()
         need = settings.get("memory_gb")
         assigned = [[h.extra.get("need") for h in self.running.values() if h.device == g.ident] for g in self.gpus]
-        i = choose_gpu([g.free_gb for g in self.gpus], need, assigned, [g.total_gb for g in self.gpus])
+        now = time.time()
+        pending = [sum(h.extra.get("need") or 0.0 for h in self.running.values()
+                       if h.device == g.ident and now - h.started < SETTLE_S) for g in self.gpus]
+        i = choose_gpu([g.free_gb for g in self.gpus], need, assigned, [g.total_gb for g in self.gpus],
+                       pending_gb=pending)
         if i is not None:
             return True, self.gpus[i].ident
         largest = max((g.total_gb or 0.0) for g in self.gpus)
