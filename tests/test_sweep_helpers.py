@@ -95,13 +95,16 @@ def read_events(path: Path) -> list[tuple[str, str, int, float]]:
 
 
 def intervals(events) -> dict[str, list[tuple[float, float]]]:
-    """Per job: (start, end) of each process that ran it (end = inf if it never finished)."""
+    """Per job: (start, end) of each process that ran it (end = inf if it never finished).
+
+    ``killed`` events (appended by a test that killed a job process) end a span too.
+    """
     open_: dict[int, tuple[str, float]] = {}
     out: dict[str, list[tuple[float, float]]] = {}
     for kind, name, pid, ts in events:
         if kind in ("start", "resume"):
             open_[pid] = (name, ts)
-        elif kind in ("end", "fail") and pid in open_:
+        elif kind in ("end", "fail", "killed") and pid in open_:
             n, t0 = open_.pop(pid)
             out.setdefault(n, []).append((t0, ts))
     for pid, (n, t0) in open_.items():
