@@ -9,12 +9,14 @@ import typer
 from tenslora.cli import bench
 from tenslora.cli import models
 from tenslora.cli import sweep
+from tenslora.cli import allocate as allocate_cli
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Tensor-factorized LoRA (TensLoRA / TensLoRA+) for transformers.")
 app.add_typer(bench.app, name="bench")
 app.add_typer(models.app, name="models")
 app.add_typer(sweep.app, name="sweep")
+app.command("allocate")(allocate_cli.allocate)
 
 
 def main() -> None:

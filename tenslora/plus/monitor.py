@@ -7,7 +7,8 @@ gradient norms, and the gradient norm of each optimizer group (``core``, ``facto
 ``lora_A``, ``lora_B``, ``head``...). Outputs, under ``output_dir``:
 
 - ``spectra.csv`` — long format ``step,tensor,mode,metric,value`` (per-group gradient norms use
-  ``tensor=group``, ``mode=<group name>``, ``metric=grad_norm``); appended to when it exists (resume);
+  ``tensor=group``, ``mode=<group name>``, ``metric=grad_norm``); rewritten by a fresh run, appended
+  to when resuming (a ``checkpoint`` directory exists), the last row of a step winning when read;
 - TensorBoard scalars ``tensloraplus/<tensor>/<mode>/<metric>`` and ``tensloraplus/group/<name>/grad_norm``,
   on the trainer's SummaryWriter when one is found, else on one of its own in ``output_dir/tensorboard``;
 - at the end: ``spectra_final.json`` (every mode's singular values) and PNG plots
@@ -60,13 +61,15 @@ class Monitor:
     every: log every N optimizer steps (steps with ``step % every == 0``, and the last step at the end).
     per_tensor: also log each tensor of a multi-tensor construction (each projection for LoRA).
     writer: a ``SummaryWriter`` to log to (default: the trainer's, else one of its own).
+    resume: append to an existing ``spectra.csv`` (default: when ``output_dir`` holds a checkpoint).
     """
 
     def __init__(self, every: int = 50, per_tensor: bool = False, plots: bool = True, writer=None,
-                 output_dir: str | os.PathLike | None = None):
+                 output_dir: str | os.PathLike | None = None, resume: bool | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"monitor every must be a positive integer, got {every!r}")
         self.every, self.per_tensor, self.plots = every, per_tensor, plots
+        self.resume = resume
         self.writer, self.output_dir = writer, Path(output_dir) if output_dir is not None else None
         self._own_writer = False
         self._groups: list[dict] | None = None
@@ -92,8 +95,11 @@ class Monitor:
         if self.writer is None:
             self.writer = _find_writer(accelerator)
         path = self.output_dir / CSV_FILE
-        new = not path.exists() or path.stat().st_size == 0
-        self._csv = path.open("a", newline="")
+        resume = self.resume
+        if resume is None:  # the trainer removes a finished run's checkpoint before a fresh start
+            resume = any((self.output_dir / name).exists() for name in ("checkpoint", "checkpoints"))
+        new = not resume or not path.exists() or path.stat().st_size == 0
+        self._csv = path.open("w" if new else "a", newline="")
         self._csv_writer = csv.writer(self._csv)
         if new:
             self._csv_writer.writerow(("step", "tensor", "mode", "metric", "value"))
