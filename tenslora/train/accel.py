@@ -1,0 +1,42 @@
+"""The HF Accelerate side: one Accelerator for CPU, one GPU or many; memory and RNG bookkeeping."""
+from __future__ import annotations
+
+import random
+import resource
+import warnings
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+
+def build_accelerator(cfg) -> Accelerator:
+    """``--precision fp16`` needs CUDA (loss scaling); ``bf16`` autocasts on CPU and GPU."""
+    cuda = torch.cuda.is_available() and not cfg.cpu
+    if cfg.precision == "fp16" and not cuda:
+        raise ValueError("--precision fp16 needs a CUDA GPU; on CPU use --precision bf16 or no")
+    if cfg.precision == "bf16" and not cuda:
+        warnings.warn("bf16 autocast on CPU is supported but often slower than fp32", stacklevel=2)
+    return Accelerator(mixed_precision=cfg.precision, cpu=cfg.cpu)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory allocated by torch, else this process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

