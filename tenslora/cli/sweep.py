@@ -57,7 +57,7 @@ def run(
 
         scheduler = LocalScheduler(root, slots=slots, cpu=cpu, console=console)
     counts = scheduler.run(jobs, spec.settings(), retry_failed=retry_failed, meta=meta)
-    console.print(f"sweep {root}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    console.print(f"sweep {root}: " + ", ".join(f"{n} {s}" for s, n in counts.items()), soft_wrap=True)
     if counts.get("failed"):
         console.print(f"[red]{counts['failed']} job(s) failed[/red]; see: tenslora sweep status {root}")
         raise typer.Exit(1)

@@ -64,14 +64,14 @@ class BaseScheduler:
 
     # -- messages ---------------------------------------------------------------------------
     def say(self, msg: str) -> None:
-        self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}")
+        self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", soft_wrap=True)
 
     def warn(self, msg: str, key: str | None = None) -> None:
         """Print a warning, once per ``key`` (default: the message)."""
         key = key or msg
         if key not in self._warned:
             self._warned.add(key)
-            self.console.print(f"[yellow]warning:[/yellow] {msg}")
+            self.console.print(f"[yellow]warning:[/yellow] {msg}", soft_wrap=True)
 
     # -- hooks for backends -----------------------------------------------------------------
     def setup(self) -> None:
