@@ -1,7 +1,9 @@
 """Training-step benchmark: every construction against PEFT LoRA, measured in the same run.
 
-Each configuration runs in its own subprocess (so peak memory is its own); PEFT LoRA r=8 is
-measured first and last and the ratios use the mean of the two, whose spread shows the noise.
+Time: all configurations live in one process and take their steps in interleaved rounds, so
+machine noise hits every configuration alike; the median over rounds is reported. Memory: each
+configuration runs a few steps in a subprocess of its own, whose peak (RSS on CPU,
+``max_memory_allocated`` on CUDA) is reported.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class StepBench:
     batch: int = 8
     seq: int = 128
     steps: int = 10
-    warmup: int = 2
+    warmup: int = 1
     threads: int = 0
     device: str = "cpu"
     rank: int = 8
@@ -45,7 +47,7 @@ def typical_ranks(construction: str, factorization: str, bench: StepBench) -> in
 
 
 def default_methods() -> list[str]:
-    return ["base", "lora"] + [f"{c}:{f}" for c in CONSTRUCTIONS for f in ("tucker", "cp")] + ["lora"]
+    return ["base", "lora"] + [f"{c}:{f}" for c in CONSTRUCTIONS for f in ("tucker", "cp")]
 
 
 def _build(method: str, bench: StepBench):
@@ -69,59 +71,84 @@ def _build(method: str, bench: StepBench):
     return adapted, adapted.adapter_parameters()
 
 
-def run_one(method: str, bench: StepBench) -> dict:
-    """Time ``bench.steps`` training steps of one configuration in this process."""
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
+def _batch(bench: StepBench):
     generator = torch.Generator().manual_seed(0)
-    model, adapter_params = _build(method, bench)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(5, 1000, (bench.batch, bench.seq), generator=generator).to(bench.device)
     labels = torch.randint(0, 2, (bench.batch,), generator=generator).to(bench.device)
-    cuda = bench.device.startswith("cuda")
-    times = []
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for step in range(bench.warmup + bench.steps):
-        if cuda:
+    return ids, labels
+
+
+class _Trainee:
+    """One configuration: model, AdamW and one timed training step."""
+
+    def __init__(self, method: str, bench: StepBench):
+        self.model, self.adapter_parameters = _build(method, bench)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+        self.cuda = bench.device.startswith("cuda")
+
+    def step(self, ids, labels) -> float:
+        if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
+        self.model(input_ids=ids, labels=labels).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cuda:
             torch.cuda.synchronize()
-        if step >= bench.warmup:
-            times.append(time.perf_counter() - start)
-    peak_mb = (torch.cuda.max_memory_allocated() if cuda
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    return {"method": method, "median_s": statistics.median(times), "peak_mb": peak_mb,
-            "step_mb": None if cuda else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
-            "adapter_parameters": adapter_params}
+        return time.perf_counter() - start
+
+
+def peak_memory(method: str, bench: StepBench) -> dict:
+    """Peak memory (MB) of a few training steps of one configuration; run in a fresh process."""
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    trainee = _Trainee(method, bench)
+    ids, labels = _batch(bench)
+    for _ in range(2):
+        trainee.step(ids, labels)
+    peak = (torch.cuda.max_memory_allocated() if trainee.cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"peak_mb": peak / 2**20, "adapter_parameters": trainee.adapter_parameters}
+
+
+def interleaved_times(methods: list[str], bench: StepBench) -> dict[str, list[float]]:
+    """Step times of every configuration, one step each per round, ``bench.steps`` rounds."""
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    trainees = {m: _Trainee(m, bench) for m in methods}
+    ids, labels = _batch(bench)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for round_ in range(bench.warmup + bench.steps):
+        for method, trainee in trainees.items():
+            elapsed = trainee.step(ids, labels)
+            if round_ >= bench.warmup:
+                times[method].append(elapsed)
+    return times
 
 
 def run_all(bench: StepBench, methods: list[str], progress=None) -> list[dict]:
-    """Each method in a fresh subprocess; ratios against the mean of the LoRA measurements."""
+    """Rows with median step time, peak memory and both ratios to PEFT LoRA."""
+    methods = list(dict.fromkeys(methods))
     rows = []
     for method in methods:
         cmd = [sys.executable, "-m", "tenslora.bench", method, json.dumps(asdict(bench))]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if done.returncode:
             raise RuntimeError(f"benchmark of {method} failed:\n{done.stderr[-2000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append({"method": method, **json.loads(done.stdout.strip().splitlines()[-1])})
         if progress:
-            progress(rows[-1])
-    lora = [r for r in rows if r["method"] == "lora"]
-    if lora:
-        time_ref = statistics.mean(r["median_s"] for r in lora)
-        mem_ref = statistics.mean(r["peak_mb"] for r in lora)
-        for r in rows:
-            r["time_ratio"] = r["median_s"] / time_ref
-            r["memory_ratio"] = r["peak_mb"] / mem_ref
+            progress(f"{method}: peak {rows[-1]['peak_mb']:.0f} MB")
+    times = interleaved_times(methods, bench)
+    for row in rows:
+        row["median_s"] = statistics.median(times[row["method"]])
+    if "lora" in methods:
+        lora = next(r for r in rows if r["method"] == "lora")
+        for row in rows:
+            row["time_ratio"] = row["median_s"] / lora["median_s"]
+            row["memory_ratio"] = row["peak_mb"] / lora["peak_mb"]
     return rows
 
 
 if __name__ == "__main__":  # worker entry: python -m tenslora.bench METHOD BENCH_JSON
-    print(json.dumps(run_one(sys.argv[1], StepBench(**json.loads(sys.argv[2])))))
+    print(json.dumps(peak_memory(sys.argv[1], StepBench(**json.loads(sys.argv[2])))))

@@ -15,8 +15,8 @@ def step_time(
     heads: int = typer.Option(12, help="Attention heads."),
     batch: int = typer.Option(8, help="Sequences per batch."),
     seq: int = typer.Option(128, help="Tokens per sequence."),
-    steps: int = typer.Option(10, help="Timed steps per configuration (median reported)."),
-    warmup: int = typer.Option(2, help="Untimed steps first."),
+    steps: int = typer.Option(10, help="Timed rounds; each configuration takes one step per round (median reported)."),
+    warmup: int = typer.Option(1, help="Untimed rounds first."),
     rank: int = typer.Option(8, help="LoRA rank and typical TensLoRA rank."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
@@ -32,8 +32,10 @@ def step_time(
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or default_methods()
     if "lora" not in chosen:
         chosen = ["lora", *chosen]
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations raised via PEFT
     console = Console(stderr=True)
-    rows = run_all(bench, chosen, progress=lambda r: console.print(f"  {r['method']}: {r['median_s']:.3f} s/step"))
+    rows = run_all(bench, chosen, progress=lambda line: console.print(f"  {line}"))
     if as_json:
         print(json.dumps({"bench": bench.__dict__, "rows": rows}, indent=2))
         return
@@ -43,4 +45,4 @@ def step_time(
     for r in rows:
         table.add_row(r["method"], f"{r['median_s']:.3f}", f"{r['time_ratio']:.3f}", f"{r['peak_mb']:.0f}",
                       f"{r['memory_ratio']:.3f}", f"{r['adapter_parameters']:,}")
-    Console().print(table)
+    Console(width=140).print(table)
