@@ -130,6 +130,12 @@ def interleaved_times(methods: list[str], bench: StepBench) -> dict[str, list[fl
 def run_all(bench: StepBench, methods: list[str], progress=None) -> list[dict]:
     """Rows with median step time, peak memory and both ratios to PEFT LoRA."""
     methods = list(dict.fromkeys(methods))
+    for method in methods:
+        construction, _, factorization = method.partition(":")
+        if method != "base" and (construction not in (*CONSTRUCTIONS, "lora")
+                                 or factorization not in ("", "tucker", "cp")):
+            raise ValueError(f"unknown benchmark method {method!r}; allowed: base, lora, "
+                             "CONSTRUCTION:tucker or CONSTRUCTION:cp")
     rows = []
     for method in methods:
         cmd = [sys.executable, "-m", "tenslora.bench", method, json.dumps(asdict(bench))]
