@@ -214,7 +214,6 @@ class ProbeCapture:
 def run_probe(train_cfg, probe_steps: int, probe_rank: int, output_dir: Path, check: Callable | None = None) -> tuple[dict, object, dict]:
     """Train ``train_cfg`` with generous ranks for ``probe_steps``; ``(metrics, shape, summary)``."""
     from tenslora.train.loop import train
-    from tenslora.train.modeling import build_run  # noqa: F401  (fails early if the trainer is absent)
     if train_cfg.construction in ("lora",) or train_cfg.factorization != "tucker":
         raise ValueError(f"rank allocation needs a Tucker tensor construction, not "
                          f"{train_cfg.construction}/{train_cfg.factorization}")

@@ -38,12 +38,15 @@ def _psd_sqrt(gram: torch.Tensor) -> torch.Tensor:
     return vectors * values.clamp_min(0).sqrt()  # (V diag(sqrt l)); M M^T = H
 
 
-def tucker_pair(core: torch.Tensor, factors: Sequence[torch.Tensor], n: int) -> Pair:
-    """``(U_n (d_n, r_n), M (r_n, prod_{k!=n} min(d_k, r_k)))`` for mode ``n`` of a Tucker tensor."""
+def tucker_pair(core: torch.Tensor, factors: Sequence[torch.Tensor], n: int,
+                r_factors: Sequence[torch.Tensor] | None = None) -> Pair:
+    """``(U_n (d_n, r_n), M (r_n, prod_{k!=n} min(d_k, r_k)))`` for mode ``n`` of a Tucker tensor
+    (``r_factors``: the factors' QR ``R``s when already computed)."""
     small = core.detach().to(DTYPE)
     for k, factor in enumerate(factors):
         if k != n:
-            small = mode_dot(small, _r_factor(factor.detach().to(DTYPE)), k)
+            r = r_factors[k] if r_factors is not None else _r_factor(factor.detach().to(DTYPE))
+            small = mode_dot(small, r, k)
     return factors[n].detach().to(DTYPE), unfold(small, n)
 
 
@@ -58,16 +61,34 @@ def cp_pair(factors: Sequence[torch.Tensor], n: int) -> Pair:
     return factors[n].detach().to(DTYPE), _psd_sqrt(gram)
 
 
-def tensor_pair(tensor, mode: str) -> Pair:
-    """The ``(U, M)`` pair of one mode of a ``Tucker``/``CP`` module (duck-typed: ``core``, ``factors``)."""
-    if mode not in tensor.mode_names:
-        raise ValueError(f"mode {mode!r} not in the tensor's modes {', '.join(tensor.mode_names)}")
-    n = tensor.mode_names.index(mode)
-    factors = [tensor.factors[m] for m in tensor.mode_names]
+def tensor_pairs(tensor, modes: Sequence[str] | None = None) -> dict[str, Pair]:
+    """``{mode: (U, M)}`` of a ``Tucker``/``CP`` module (duck-typed: ``core``, ``factors``, ``mode_names``);
+    the factors' QRs (Tucker) or Grams (CP) are computed once for all modes."""
+    names = list(tensor.mode_names)
+    modes = names if modes is None else list(modes)
+    for mode in modes:
+        if mode not in names:
+            raise ValueError(f"mode {mode!r} not in the tensor's modes {', '.join(names)}")
+    factors = [tensor.factors[m].detach().to(DTYPE) for m in names]
     core = getattr(tensor, "core", None)
     if core is not None:
-        return tucker_pair(core, factors, n)
-    return cp_pair(factors, n)
+        rs = [_r_factor(f) for f in factors]
+        return {m: tucker_pair(core, factors, names.index(m), rs) for m in modes}
+    grams = [f.T @ f for f in factors]
+    out = {}
+    for m in modes:
+        n = names.index(m)
+        h = torch.ones_like(grams[n])
+        for k, g in enumerate(grams):
+            if k != n:
+                h = h * g
+        out[m] = (factors[n], _psd_sqrt(h))
+    return out
+
+
+def tensor_pair(tensor, mode: str) -> Pair:
+    """The ``(U, M)`` pair of one mode of a ``Tucker``/``CP`` module."""
+    return tensor_pairs(tensor, [mode])[mode]
 
 
 def singular_values_of_pairs(pairs: Sequence[Pair]) -> torch.Tensor:
@@ -80,14 +101,17 @@ def singular_values_of_pairs(pairs: Sequence[Pair]) -> torch.Tensor:
     if len(rows) != 1:
         raise ValueError(f"cannot stack unfoldings with different mode sizes {sorted(rows)}")
     r = _r_factor(torch.cat([u for u, _ in pairs], dim=1))  # (min(d, sum r), sum r)
-    small = r @ torch.block_diag(*[m for _, m in pairs])
-    return torch.linalg.svdvals(small)
+    if sum(m.shape[1] for _, m in pairs) <= 2 * r.shape[0]:
+        return torch.linalg.svdvals(r @ torch.block_diag(*[m for _, m in pairs]))
+    # wide: through the (sum r x sum r) Gram; float64 keeps s_i to ~1e-8 * s_1
+    gram = r @ torch.block_diag(*[m @ m.T for _, m in pairs]) @ r.T
+    return gram_singular_values((gram + gram.T) / 2)
 
 
 def mode_singular_values(tensors, mode: str) -> torch.Tensor:
     """Singular values of the mode-``mode`` unfolding of one tensor, or of several stacked."""
     tensors = [tensors] if hasattr(tensors, "factors") else list(tensors)
-    return singular_values_of_pairs([tensor_pair(t, mode) for t in tensors])
+    return singular_values_of_pairs([tensor_pairs(t, [mode])[mode] for t in tensors])
 
 
 def lora_pairs(a: torch.Tensor, b: torch.Tensor) -> dict[str, Pair]:
@@ -147,9 +171,10 @@ def tensors_spectra(tensors: Mapping[str, object], modes: Sequence[str] | None =
     tensor or of differing sizes across tensors are left out)."""
     items = list(tensors.values())
     modes = modes or [m for m in items[0].mode_names if all(m in t.mode_names for t in items)]
+    pairs = [tensor_pairs(t, modes) for t in items]
     out = {}
     for mode in modes:
         sizes = {t.shape[t.mode_names.index(mode)] for t in items}
         if len(sizes) == 1:
-            out[mode] = mode_singular_values(items, mode)
+            out[mode] = singular_values_of_pairs([p[mode] for p in pairs])
     return out
