@@ -190,7 +190,7 @@ class BaseScheduler:
         self._stop_signals += 1
         if self._stop_signals == 1:
             self.console.print("[yellow]stopping: interrupting running jobs (they resume on the next run); "
-                               "press Ctrl-C again to leave them running[/yellow]")
+                               "press Ctrl-C again to leave them running[/yellow]", soft_wrap=True)
             for h in self.running.values():
                 self.kill(h, signal.SIGTERM)
         else:
@@ -223,7 +223,8 @@ class BaseScheduler:
                 self.reconcile()
                 self._loop()
             except KeyboardInterrupt:
-                self.console.print("[yellow]left running jobs alone; the next run adopts them[/yellow]")
+                self.console.print("[yellow]left running jobs alone; the next run adopts them[/yellow]",
+                                   soft_wrap=True)
             finally:
                 for s, h in old.items():
                     signal.signal(s, h)
@@ -245,8 +246,10 @@ class BaseScheduler:
                 continue
             now = time.time()
             free = self.capacity() - len(self.running)
-            if free > 0:
-                for job in store.ready(now, free):
+            if free > 0:  # a few spare candidates: a job can be skipped (its old attempt still runs)
+                for job in store.ready(now, free + 8):
+                    if len(self.running) >= self.capacity():
+                        break
                     if job["name"] in self.running or not self.launch(job):
                         break
             if not self.running:
