@@ -9,8 +9,10 @@ from torch import nn
 from tenslora.config import TensLoRAConfig
 from tenslora.lora import LoraModel
 from tenslora.model import CONFIG_FILE, AdaptedModel, TensLoRAModel
+from tenslora.probe import HeadOnlyModel
 
-ADAPTED_MODELS: dict[str, type[AdaptedModel]] = {"tenslora": TensLoRAModel, "lora": LoraModel}
+ADAPTED_MODELS: dict[str, type[AdaptedModel]] = {"tenslora": TensLoRAModel, "lora": LoraModel,
+                                                  "none": HeadOnlyModel}
 
 
 def get_adapted_model(model: nn.Module, config: TensLoRAConfig) -> AdaptedModel:

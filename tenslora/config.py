@@ -16,8 +16,8 @@ Ranks = int | Sequence[int] | Mapping[str, int]
 class TensLoRAConfig:
     """What to adapt and how.
 
-    construction: one of ``att, qkv, depth, att_qkv, att_depth, qkv_depth, att_qkv_depth`` or ``lora``
-    (the PEFT LoRA baseline). factorization: ``tucker`` (one rank per mode) or ``cp`` (one rank).
+    construction: one of ``att, qkv, depth, att_qkv, att_depth, qkv_depth, att_qkv_depth``, ``lora``
+    (the PEFT LoRA baseline) or ``none`` (a linear probe: only the task head trains). factorization: ``tucker`` (one rank per mode) or ``cp`` (one rank).
     ranks: an int (all modes), one int per mode in construction order, a ``{mode: rank}`` mapping,
     or a string like ``"8_8_4_4_2"``. The update is scaled by ``alpha / r`` with ``r`` the input-mode
     rank (LoRA's meaning). ``target_modules``: leaf names of the projections to adapt, in ``qkv``
@@ -57,18 +57,22 @@ class TensLoRAConfig:
 
     @property
     def method(self) -> str:
-        return "lora" if self.construction == "lora" else "tenslora"
+        return self.construction if self.construction in ("lora", "none") else "tenslora"
 
     @property
     def mode_names(self) -> tuple[str, ...]:
         if self.method == "lora":
             return ("input", "output")
+        if self.method == "none":
+            return ()
         return get_construction(self.construction).mode_names
 
     def mode_ranks(self) -> dict[str, int]:
         """``{mode: rank}`` in mode order (CP and LoRA: the same rank for every mode)."""
         names = self.mode_names
         ranks = self.ranks
+        if self.method == "none":
+            return {}
         single = self.method == "lora" or self.factorization == "cp"
         if isinstance(ranks, Mapping):
             unknown = set(ranks) - set(names)
@@ -96,7 +100,7 @@ class TensLoRAConfig:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.mode_ranks()["input"]
+        return self.alpha / self.mode_ranks()["input"] if self.method != "none" else 0.0
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -55,7 +55,7 @@ CONSTRUCTIONS: dict[str, Construction] = {
         Construction("att_qkv_depth", heads=True, qkv=True, layers=True),
     )
 }
-METHODS = (*CONSTRUCTIONS, "lora")
+METHODS = (*CONSTRUCTIONS, "lora", "none")  # none: linear probe, task head only
 
 
 def get_construction(name: str) -> Construction:

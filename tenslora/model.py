@@ -58,6 +58,35 @@ class AdaptedModel(nn.Module):
         """Trainable adapter parameters (task head excluded)."""
         raise NotImplementedError
 
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Adapter tensors to save, keyed ``adapters.<tensor>.<param>`` (head excluded)."""
+        raise NotImplementedError
+
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write ``tenslora_config.json`` and ``adapter_model.safetensors`` (adapter + head only)."""
+        from safetensors.torch import save_file
+        tensors = {**self.adapter_state(), **self.head_state()}
+        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+
+        def fill(tmp: Path) -> None:
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(self._config_record(), indent=2))
+        return write_dir_atomic(path, fill)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | Path, record: dict) -> "AdaptedModel":
+        """Rebuild on ``model`` from a saved directory whose config record is ``record``."""
+        from safetensors.torch import load_file
+        adapted = cls(model, TensLoRAConfig.from_dict(record["config"]))
+        check_fingerprint(record["model"], fingerprint(model, adapted.shape))
+        tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+        adapted.load_adapter_state(tensors)
+        adapted.load_head_state(tensors)
+        return adapted
+
     def print_trainable_parameters(self) -> None:
         print(summary_line(self, self.adapter_parameters()))
 
@@ -167,32 +196,13 @@ class TensLoRAModel(AdaptedModel):
                 setattr(self.base_model.get_submodule(parent_name), leaf, module.base_layer)
         return self.base_model
 
-    # saving -----------------------------------------------------------------------------------
-    def save_adapter(self, path: str | Path) -> Path:
-        """Write ``tenslora_config.json`` and ``adapter_model.safetensors`` (adapter + head only)."""
-        from safetensors.torch import save_file
-        tensors = {f"adapters.{k}": v.detach().contiguous() for k, v in self.adapters.state_dict().items()}
-        tensors.update({k: v.detach().contiguous() for k, v in self.head_state().items()})
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {f"adapters.{k}": v for k, v in self.adapters.state_dict().items()}
 
-        def fill(tmp: Path) -> None:
-            save_file(tensors, str(tmp / WEIGHTS_FILE))
-            (tmp / CONFIG_FILE).write_text(json.dumps(self._config_record(), indent=2))
-        return write_dir_atomic(path, fill)
-
-    def load_adapter_weights(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
-        tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         prefix = "adapters."
         _load_checked(self.adapters, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
                       "adapter")
-        self.load_head_state(tensors)
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | Path, record: dict) -> "TensLoRAModel":
-        adapted = cls(model, TensLoRAConfig.from_dict(record["config"]))
-        check_fingerprint(record["model"], fingerprint(model, adapted.shape))
-        adapted.load_adapter_weights(path)
-        return adapted
 
 
 def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

@@ -29,6 +29,8 @@ def lora_parameters(shape: ModelShape, rank: int) -> int:
 def predict_adapter_parameters(config: TensLoRAConfig, shape: ModelShape) -> int:
     """Trainable adapter parameters (task head excluded) for ``config`` on a model of ``shape``."""
     ranks = config.mode_ranks()
+    if config.method == "none":
+        return 0
     if config.method == "lora":
         return lora_parameters(shape, ranks["input"])
     total = 0

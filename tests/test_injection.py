@@ -126,7 +126,8 @@ def test_merge_unmerge(construction):
                               weight_before, atol=1e-6)
 
 
-@pytest.mark.parametrize("construction,factorization", [("att_qkv_depth", "tucker"), ("att", "cp"), ("lora", "tucker")])
+@pytest.mark.parametrize("construction,factorization", [("att_qkv_depth", "tucker"), ("att", "cp"), ("lora", "tucker"),
+                                                        ("none", "tucker")])
 def test_save_load_roundtrip(construction, factorization, tmp_path):
     adapted = get_adapted_model(tiny_bert(), TensLoRAConfig(construction, factorization, ranks=3))
     with torch.no_grad():
@@ -187,3 +188,10 @@ def test_heads_must_divide_width():
     model.config.num_attention_heads = 5
     with pytest.raises(ValueError, match="5 heads do not divide the projection width 32"):
         get_adapted_model(model, TensLoRAConfig("att", ranks=2))
+
+
+def test_linear_probe_trains_only_the_head():
+    adapted = get_adapted_model(tiny_bert(), TensLoRAConfig("none"))
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable == {"base_model.classifier.weight", "base_model.classifier.bias"}
+    assert adapted.adapter_parameters() == 0
