@@ -85,3 +85,14 @@ def test_monitor_uses_given_writer_and_validates(tmp_path):
     assert not list(tmp_path.glob("tensorboard/*")) and not list(tmp_path.glob("*.png"))
     with pytest.raises(ValueError, match="every must be a positive integer"):
         Monitor(every=0)
+
+
+def test_fresh_run_replaces_previous_outputs_resume_appends(tmp_path):
+    model = get_adapted_model(tiny_bert(2), TensLoRAConfig(construction="qkv_depth", ranks=2))
+    run_loop(model, [Monitor(every=1, plots=False)], steps=3, output_dir=tmp_path)
+    run_loop(model, [Monitor(every=2, plots=False)], steps=2, output_dir=tmp_path)
+    assert [s for s, _ in read_csv(tmp_path / "spectra.csv")[("adapter", "input", "entropy")]] == [2]
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 1
+    (tmp_path / "checkpoint").mkdir()  # the trainer resumes: rows are appended
+    run_loop(model, [Monitor(every=1, plots=False)], steps=1, output_dir=tmp_path)
+    assert [s for s, _ in read_csv(tmp_path / "spectra.csv")[("adapter", "input", "entropy")]] == [1, 2]

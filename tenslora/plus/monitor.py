@@ -31,6 +31,8 @@ from tenslora.plus import metrics as M
 
 CSV_FILE = "spectra.csv"
 FINAL_FILE = "spectra_final.json"
+TB_DIR = "tensorboard"
+PLOTS = ("monitor_entropy.png", "monitor_spectra.png", "monitor_grad_norms.png")
 TB_METRICS = ("entropy", "top1_energy", "effective_rank", "norm", "grad_norm")
 
 
@@ -99,6 +101,12 @@ class Monitor:
         if resume is None:  # the trainer removes a finished run's checkpoint before a fresh start
             resume = any((self.output_dir / name).exists() for name in ("checkpoint", "checkpoints"))
         new = not resume or not path.exists() or path.stat().st_size == 0
+        if not resume:  # a fresh run: drop this monitor's outputs of an earlier run (never other files)
+            import shutil
+            for name in (FINAL_FILE, *PLOTS):
+                (self.output_dir / name).unlink(missing_ok=True)
+            if self.writer is None and (self.output_dir / TB_DIR).is_dir():
+                shutil.rmtree(self.output_dir / TB_DIR)
         self._csv = path.open("w" if new else "a", newline="")
         self._csv_writer = csv.writer(self._csv)
         if new:
@@ -162,7 +170,7 @@ class Monitor:
     def _tb(self):
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(self.output_dir / TB_DIR))
             self._own_writer = True
         return self.writer
 
