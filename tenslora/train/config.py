@@ -40,7 +40,7 @@ class TrainConfig:
                              "att_qkv_depth) or lora (PEFT LoRA baseline)")
     factorization: str = _opt("tucker", "tucker or cp")
     ranks: str = _opt("8", "one rank, one per mode like 8_8_4_4, or auto (needs --budget)")
-    budget: int | None = _opt(None, "adapter parameter budget for --ranks auto")
+    budget: str | None = _opt(None, "adapter parameter budget for --ranks auto: a count, or lora:k (LoRA rank k's count)")
     alpha: float = _opt(8.0, "update scaling numerator (scaling = alpha / input rank)")
     dropout: float = _opt(0.0, "adapter input dropout")
     init: str = _opt("orthogonal", "factor initialisation")
@@ -94,7 +94,7 @@ class TrainConfig:
         for name in ("max_steps", "eval_every", "checkpoint_every", "log_every", "monitor_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("train_samples", "eval_samples", "num_labels", "image_size", "budget"):
+        for name in ("train_samples", "eval_samples", "num_labels", "image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -75,14 +75,18 @@ def make_collator(kind: str, preprocessor):
 
 class EpochSampler(Sampler[int]):
     """A permutation per epoch drawn from ``torch.Generator().manual_seed(seed + epoch)``: the order of
-    epoch ``e`` is fixed by ``(seed, e)`` alone, so a resumed run replays it exactly."""
+    epoch ``e`` is fixed by ``(seed, e)`` alone, so a resumed run replays it exactly.
+
+    ``position(epoch, skip)`` selects the epoch and drops its first ``skip`` examples (already
+    consumed before a resume). It is deliberately not called ``set_epoch``: Accelerate calls that
+    with its own iteration count, which a resumed run does not share.
+    """
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select epoch ``epoch``'s order; ``skip`` (examples already consumed) is reset to 0."""
-        self.epoch, self.skip = epoch, 0
+    def position(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         return self.n

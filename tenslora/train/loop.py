@@ -31,7 +31,7 @@ from tenslora.train.config import TrainConfig
 from tenslora.train.data import EpochSampler, make_collator, make_dataset, make_loader
 from tenslora.train.evaluate import evaluate_loader
 from tenslora.train.metrics import is_better, majority_baseline
-from tenslora.train.modeling import resolve_auto_ranks
+from tenslora.train.modeling import adapter_config, resolve_auto_ranks
 from tenslora.train.setup import build_run
 
 OUTPUTS = ("summary.json", "metrics.csv", "tb", "best_adapter", "final_adapter", ckpt.CHECKPOINT_DIR,
@@ -101,6 +101,7 @@ def train(cfg: TrainConfig, callbacks=()) -> dict:
     out = cfg.resolved_output_dir()
     if str(cfg.ranks).strip().lower() == "auto":
         cfg = dataclasses.replace(cfg, ranks=resolve_auto_ranks(cfg))
+    adapter_config(cfg)  # a bad construction/factorization/ranks fails before any loading
     callbacks = list(callbacks) + default_callbacks(cfg)
 
     # an interrupted run resumes; a finished one is not run twice ---------------------------------
@@ -177,8 +178,7 @@ def train(cfg: TrainConfig, callbacks=()) -> dict:
         """Micro-batches from (epoch, batch_in_epoch) on; a new epoch reshuffles from the seed."""
         nonlocal epoch, batch_in_epoch
         while True:
-            sampler.set_epoch(epoch)
-            sampler.skip = batch_in_epoch * cfg.batch_size * accelerator.num_processes  # resume mid-epoch
+            sampler.position(epoch, skip=batch_in_epoch * cfg.batch_size * accelerator.num_processes)
             for batch in train_loader:
                 batch_in_epoch += 1
                 yield batch

@@ -58,8 +58,9 @@ def load_classifier(path: str, kind: str, num_labels: int, label_names: list[str
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     from transformers.utils import logging as hf_logging
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "newly initialized head" is expected when fine-tuning
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -68,6 +69,8 @@ def load_classifier(path: str, kind: str, num_labels: int, label_names: list[str
         raise FileNotFoundError(f"cannot load model {path!r}: {_first_line(exc)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_preprocessor(path: str, kind: str, image_size: int | None = None):
@@ -108,7 +111,7 @@ def resolve_auto_ranks(cfg) -> str:
     if importlib.util.find_spec("tenslora.plus.allocate") is None:
         raise ValueError("--ranks auto is not available yet (tenslora.plus.allocate is missing); give --ranks")
     if cfg.budget is None:
-        raise ValueError("--ranks auto needs --budget N (adapter parameters)")
+        raise ValueError("--ranks auto needs --budget N (adapter parameters, or lora:k)")
     from tenslora.plus import allocate
     fn = getattr(allocate, "allocate_ranks_for_training", None)
     if fn is None:

@@ -1,6 +1,7 @@
 """Everything a run builds before its first step, shared by train, evaluate and predict."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -38,6 +39,23 @@ def build_model(cfg, kind: str, num_labels: int, label_names, problem_type: str)
     return path, model, load_preprocessor(path, kind, cfg.image_size)
 
 
+def cap_single_rank(model, config):
+    """A single Tucker rank ``r`` means ``min(r, size)`` for each mode: a rank above a mode's size (e.g. 8
+    for the 3-wide ``qkv`` mode) adds parameters but no capacity."""
+    if config.method != "tenslora" or config.factorization != "tucker" or not isinstance(config.ranks, int):
+        return config
+    from tenslora.constructions import get_construction
+    from tenslora.layout import tensor_layout
+    from tenslora.targets import find_targets, model_shape
+    shape = model_shape(model, find_targets(model, config.target_modules))
+    sizes: dict[str, int] = {}
+    for modes in tensor_layout(get_construction(config.construction), shape).values():
+        for mode, size in modes.items():
+            sizes[mode] = max(sizes.get(mode, 0), size)
+    return dataclasses.replace(config, ranks={m: min(config.ranks, sizes.get(m, config.ranks))
+                                              for m in config.mode_names})
+
+
 def build_run(cfg, data: PreparedData | None = None, *, kind: str | None = None, label_names=None,
               num_labels: int | None = None, problem_type: str | None = None) -> Run:
     """Load the data (unless only ``kind``/labels are given, for predict), the model and the adapter."""
@@ -47,5 +65,5 @@ def build_run(cfg, data: PreparedData | None = None, *, kind: str | None = None,
         kind, label_names, num_labels, problem_type = (data.task.kind, data.label_names, data.num_labels,
                                                        data.problem_type)
     path, model, preprocessor = build_model(cfg, kind, num_labels, label_names, problem_type)
-    adapted = get_adapted_model(model, adapter_config(cfg))
+    adapted = get_adapted_model(model, cap_single_rank(model, adapter_config(cfg)))
     return Run(data, path, kind, preprocessor, adapted, label_names, num_labels, problem_type)
