@@ -67,6 +67,7 @@ def _lora_spectra(adapted, per_tensor: bool) -> dict[str, dict[str, torch.Tensor
     return out
 
 
+@spectra.single_threaded
 def mode_spectra(adapted, per_tensor: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """``{tensor: {mode: singular values (descending, float64)}}`` without reconstructing any tensor."""
     if is_lora(adapted):
@@ -79,6 +80,7 @@ def mode_spectra(adapted, per_tensor: bool = False) -> dict[str, dict[str, torch
     return out
 
 
+@spectra.single_threaded
 def gradient_norms(adapted, per_tensor: bool = False) -> dict[str, dict[str, float]]:
     """``{tensor: {mode or "core": grad norm}}``; read after ``backward`` (and after AMP unscaling)."""
     if is_lora(adapted):
@@ -105,6 +107,7 @@ def gradient_norms(adapted, per_tensor: bool = False) -> dict[str, dict[str, flo
     return out
 
 
+@spectra.single_threaded
 def adapter_metrics(adapted, per_tensor: bool = False, grads: bool = True) -> dict[str, dict[str, dict[str, float]]]:
     """``{tensor: {mode: {metric: value}}}``: spectrum metrics per mode, and ``grad_norm`` if ``grads``."""
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -117,6 +120,7 @@ def adapter_metrics(adapted, per_tensor: bool = False, grads: bool = True) -> di
     return out
 
 
+@spectra.single_threaded
 def group_grad_norms(groups: list[dict]) -> dict[str, float]:
     """``{group name: grad norm}`` for optimizer groups as built by ``build_param_groups``."""
     return {g.get("name", str(i)): spectra.grad_norm(g["params"]) for i, g in enumerate(groups)}

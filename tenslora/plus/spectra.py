@@ -16,6 +16,8 @@ mode-``n`` Grams add up: with ``[U^1 .. U^T] = Q R``, the singular values are th
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -25,6 +27,30 @@ from tenslora.tensor.algebra import mode_dot, unfold
 
 DTYPE = torch.float64
 Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run the enclosed tiny float64 ops on one intra-op thread (restored after).
+
+    These matrices are core-sized: waking a thread pool costs far more than the work, and on a
+    busy machine a 2-thread pool made the monitor 20-100x slower than one thread."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
+def single_threaded(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with single_thread():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _r_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -69,11 +95,11 @@ def tensor_pairs(tensor, modes: Sequence[str] | None = None) -> dict[str, Pair]:
     for mode in modes:
         if mode not in names:
             raise ValueError(f"mode {mode!r} not in the tensor's modes {', '.join(names)}")
-    factors = [tensor.factors[m].detach().to(DTYPE) for m in names]
+    factors = [tensor.factors[m].detach().to("cpu", DTYPE) for m in names]  # small: CPU float64
     core = getattr(tensor, "core", None)
     if core is not None:
         rs = [_r_factor(f) for f in factors]
-        return {m: tucker_pair(core, factors, names.index(m), rs) for m in modes}
+        return {m: tucker_pair(core.detach().to("cpu", DTYPE), factors, names.index(m), rs) for m in modes}
     grams = [f.T @ f for f in factors]
     out = {}
     for m in modes:
@@ -119,7 +145,7 @@ def lora_pairs(a: torch.Tensor, b: torch.Tensor) -> dict[str, Pair]:
 
     The update as a ``(d_in, d_out)`` tensor (TensLoRA's orientation): input unfolding
     ``dW^T = A^T R_B^T Q_B^T`` (``B = Q_B R_B``), output unfolding ``dW = B R_A'^T Q_A'^T`` (``A^T = Q_A' R_A'``)."""
-    a, b = a.detach().to(DTYPE), b.detach().to(DTYPE)
+    a, b = a.detach().to("cpu", DTYPE), b.detach().to("cpu", DTYPE)
     return {"input": (a.T, _r_factor(b).T), "output": (b, _r_factor(a.T).T)}
 
 
@@ -127,8 +153,8 @@ def stacked_gram(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Te
     """Gram ``<dW_i, dW_j>`` (Frobenius) of matrices ``dW_i = B_i A_i`` given as ``(A_i, B_i)``: ``(n, n)``.
 
     ``<B_i A_i, B_j A_j> = tr((B_i^T B_j)(A_j A_i^T))``: only ``r x r`` products."""
-    a = [x.detach().to(DTYPE) for x, _ in pairs]
-    b = [y.detach().to(DTYPE) for _, y in pairs]
+    a = [x.detach().to("cpu", DTYPE) for x, _ in pairs]
+    b = [y.detach().to("cpu", DTYPE) for _, y in pairs]
     n = len(pairs)
     gram = torch.empty(n, n, dtype=DTYPE)
     for i in range(n):
@@ -159,10 +185,14 @@ def spectrum_metrics(s: torch.Tensor) -> dict[str, float]:
 
 def grad_norm(params: Sequence[torch.Tensor]) -> float:
     """``sqrt(sum ||grad||^2)`` over ``params`` (missing gradients count as zero)."""
-    total = torch.zeros((), dtype=DTYPE)
-    for p in params:
-        if p.grad is not None:
-            total = total + p.grad.detach().to(DTYPE).pow(2).sum().cpu()
+    squares = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32 if p.grad.device.type == "mps"
+                                        else DTYPE) ** 2 for p in params if p.grad is not None]
+    if not squares:
+        return 0.0
+    try:
+        total = torch.stack(squares).sum()  # one device sync
+    except RuntimeError:  # parameters on several devices
+        total = sum(q.to("cpu", DTYPE) for q in squares)
     return float(total.sqrt())
 
 
