@@ -145,3 +145,64 @@ def test_tweets_corpus():
     assert data.label_names == ["negative", "neutral", "positive"]
     assert data.sizes()["validation"] == 1000 and data.sizes()["test"] == 2000
     assert data.sizes()["train"] > 30000
+
+
+def _fake_load_dataset(monkeypatch, dataset_dict, seen):
+    import datasets
+
+    def fake(hub_id, name=None, **kw):
+        seen.append((hub_id, name))
+        return dataset_dict
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+
+
+def test_glue_pairs_official_validation_is_test(monkeypatch):
+    import datasets
+    feats = datasets.Features({"sentence1": datasets.Value("string"), "sentence2": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["not_equivalent", "equivalent"]),
+                               "idx": datasets.Value("int32")})
+    rows = lambda n, o: {"sentence1": [f"a{i}" for i in range(o, o + n)],  # noqa: E731
+                         "sentence2": [f"b{i}" for i in range(o, o + n)], "label": [i % 2 for i in range(n)],
+                         "idx": list(range(n))}
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(50, 0), features=feats),
+                               "validation": datasets.Dataset.from_dict(rows(12, 100), features=feats)})
+    seen = []
+    _fake_load_dataset(monkeypatch, dd, seen)
+    cfg = _cfg(task="mrpc")
+    data = prepare(load_task(cfg), cfg)
+    assert seen == [("nyu-mll/glue", "mrpc")]
+    assert data.sizes() == {"train": 45, "validation": 5, "test": 12}
+    assert _texts(data.test) == [f"a{i}" for i in range(100, 112)]  # the official validation split
+    assert data.test.inputs[0]["text_pair"] == "b100"
+    assert data.task.main_metric == "f1" and data.label_names == ["not_equivalent", "equivalent"]
+
+
+def test_glue_stsb_is_regression_and_offline_error(monkeypatch):
+    import datasets
+    feats = datasets.Features({"sentence1": datasets.Value("string"), "sentence2": datasets.Value("string"),
+                               "label": datasets.Value("float32")})
+    d = {"sentence1": ["a"] * 20, "sentence2": ["b"] * 20, "label": [i / 4 for i in range(20)]}
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict(d, features=feats),
+                               "validation": datasets.Dataset.from_dict(d, features=feats)})
+    _fake_load_dataset(monkeypatch, dd, [])
+    data = prepare(load_task(_cfg(task="stsb")), _cfg(task="stsb"))
+    assert data.problem_type == "regression" and data.task.main_metric == "pearson"
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach the Hugging Face Hub\nmore lines")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match=r"cannot load GLUE task 'cola'.*Couldn't reach"):
+        load_task(_cfg(task="cola"))
+
+
+def test_hub_image_dataset_by_name(monkeypatch):
+    import datasets
+    from PIL import Image
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    imgs = [Image.new("L", (8, 8), color=i * 20) for i in range(10)]
+    d = datasets.Dataset.from_dict({"image": imgs, "label": [i % 2 for i in range(10)]}, features=feats)
+    seen = []
+    _fake_load_dataset(monkeypatch, datasets.DatasetDict({"train": d, "valid": d, "test": d}), seen)
+    data = prepare(load_task(_cfg(task="eurosat")), _cfg(task="eurosat"))
+    assert seen == [("timm/eurosat-rgb", None)] and data.task.kind == "image"
+    assert data.sizes() == {"train": 10, "validation": 10, "test": 10} and data.label_names == ["a", "b"]

@@ -99,7 +99,7 @@ def test_fashion_mnist(tmp_path, capsys, vit_model, monkeypatch):  # noqa: F811
         monkeypatch.setenv("TENSLORA_FASHION_MNIST_DIR", str(write_idx(tmp_path / "fm", 80, 20)))
     run = tmp_path / "run"
     code, _, err = run_cli(["train", "--task", "fashion-mnist", "--model", vit_model, "--train-samples", "32",
-                            "--eval-samples", "16", "--image-size", "28", "--output-dir", run, *QUICK], capsys)
+                            "--eval-samples", "16", "--image-size", "14", "--output-dir", run, *QUICK], capsys)
     assert code == 0, err
     s = _summary(run)
     assert s["task"] == "fashion-mnist" and s["data_sizes"]["train"] == 32 and s["data_sizes"]["test"] == 16
@@ -162,7 +162,13 @@ def test_resume_is_exact(tmp_path, text_model):  # noqa: F811
     b = load_file(str(tmp_path / "cut" / "final_adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "full" / "metrics.csv").read_text() == (tmp_path / "cut" / "metrics.csv").read_text()
-    # a finished run is not run again
+    # a finished run is not run again; resuming with other options is refused
+    with pytest.raises(ValueError, match=r"cannot --resume .* lr \(was 0.005, now 0.1\)"):
+        torch.manual_seed(0)
+        crash2 = dataclasses.replace(base, output_dir=str(tmp_path / "cut2"))
+        with pytest.raises(KeyboardInterrupt):
+            train(crash2, callbacks=[Crash(3)])
+        train(dataclasses.replace(crash2, resume=True, lr=0.1))
     assert train(dataclasses.replace(cut, resume=True))["wall_time_s"] == resumed["wall_time_s"]
 
 

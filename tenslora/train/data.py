@@ -66,11 +66,16 @@ def make_dataset(split: Split, kind: str, preprocessor, max_length: int, regress
     return ImageDataset(split, preprocessor, regression)
 
 
-def make_collator(kind: str, preprocessor):
+def make_collator(kind: str, preprocessor, extra: dict | None = None):
+    """Text: pad each batch to its longest example. Images: stack. ``extra``: constant forward kwargs."""
     if kind == "text":
         from transformers import DataCollatorWithPadding
-        return DataCollatorWithPadding(preprocessor)  # pads to the longest in the batch
-    return image_collate
+        collate = DataCollatorWithPadding(preprocessor)
+    else:
+        collate = image_collate
+    if not extra:
+        return collate
+    return lambda batch: {**collate(batch), **extra}
 
 
 class EpochSampler(Sampler[int]):

@@ -60,7 +60,8 @@ def load_saved(run_dir: str | Path, adapter: str = "best", *, with_data: bool = 
     from tenslora.train.config import TrainConfig
     from tenslora.train.modeling import load_preprocessor
     from tenslora.train.protocol import prepare
-    from tenslora.train.setup import Run, build_model
+    from tenslora.train.modeling import forward_kwargs
+    from tenslora.train.setup import Run, build_model, image_size
     from tenslora.train.tasks import load_task
 
     record = read_run(run_dir)
@@ -72,9 +73,10 @@ def load_saved(run_dir: str | Path, adapter: str = "best", *, with_data: bool = 
         if Path(resolved["model_path"]).is_dir() else cfg
     model_path, model, _ = build_model(cfg_model, resolved["kind"], resolved["num_labels"], resolved["label_names"],
                                        resolved["problem_type"])
+    extra = forward_kwargs(model, resolved["kind"], image_size(cfg))
     adapted = load_adapted_model(model, path)
-    preprocessor = load_preprocessor(model_path, resolved["kind"], cfg.image_size)
-    return cfg, Run(data, model_path, resolved["kind"], preprocessor, adapted, resolved["label_names"],
+    preprocessor = load_preprocessor(model_path, resolved["kind"], image_size(cfg))
+    return cfg, Run(data, model_path, resolved["kind"], preprocessor, extra, adapted, resolved["label_names"],
                     resolved["num_labels"], resolved["problem_type"])
 
 
@@ -89,7 +91,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", adapter: str = "best"
     accelerator = build_accelerator(cfg)
     dataset = make_dataset(run.data.split(split), run.kind, run.preprocessor, cfg.max_length,
                            run.problem_type == "regression")
-    loader = make_loader(dataset, cfg.eval_batch_size, make_collator(run.kind, run.preprocessor),
+    loader = make_loader(dataset, cfg.eval_batch_size, make_collator(run.kind, run.preprocessor, run.forward_kwargs),
                          num_workers=cfg.num_workers)
     model, loader = accelerator.prepare(run.adapted, loader)
     metrics = evaluate_loader(model, loader, accelerator, run.problem_type, run.num_labels)
@@ -120,7 +122,7 @@ def predict(run_dir: str | Path, *, texts: list[str] | None = None, images: list
     regression = run.problem_type == "regression"
     split = Split(Rows(len(rows), lambda i: rows[i]), [0.0 if regression else 0] * len(rows))
     dataset = make_dataset(split, run.kind, run.preprocessor, cfg.max_length, regression)
-    collate = make_collator(run.kind, run.preprocessor)
+    collate = make_collator(run.kind, run.preprocessor, run.forward_kwargs)
     model = run.adapted.eval()
     results = []
     for start in range(0, len(dataset), batch_size):

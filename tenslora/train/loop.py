@@ -90,6 +90,25 @@ def _clean_outputs(out: Path) -> None:
             p.unlink()
 
 
+RESUME_MAY_CHANGE = {"resume", "progress", "output_dir", "run_name", "checkpoint_every", "log_every", "num_workers"}
+
+
+def _saved_train_options(out: Path) -> dict:
+    import json
+    file = out / "config.json"
+    return json.loads(file.read_text()).get("train", {}) if file.is_file() else {}
+
+
+def _check_same_run(out: Path, cfg: TrainConfig) -> None:
+    """Resuming with other options would not continue the same run: refuse, naming the options."""
+    saved = _saved_train_options(out)
+    now = cfg.to_dict()
+    differ = sorted(k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k])
+    if differ:
+        raise ValueError(f"cannot --resume {out} with different options: " +
+                         ", ".join(f"{k} (was {saved[k]!r}, now {now[k]!r})" for k in differ))
+
+
 def _prefixed(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
@@ -100,7 +119,8 @@ def train(cfg: TrainConfig, callbacks=()) -> dict:
     is_main = accelerator.is_main_process
     out = cfg.resolved_output_dir()
     if str(cfg.ranks).strip().lower() == "auto":
-        cfg = dataclasses.replace(cfg, ranks=resolve_auto_ranks(cfg))
+        saved = _saved_train_options(out) if cfg.resume and ckpt.has_checkpoint(out) else {}
+        cfg = dataclasses.replace(cfg, ranks=saved.get("ranks") or resolve_auto_ranks(cfg))  # no second probe
     adapter_config(cfg)  # a bad construction/factorization/ranks fails before any loading
     callbacks = list(callbacks) + default_callbacks(cfg)
 
@@ -112,15 +132,18 @@ def train(cfg: TrainConfig, callbacks=()) -> dict:
         if summary.get("status") == "done":
             accelerator.print(f"{out} is already done; summary.json left as is")
             return summary
+    if resuming:
+        _check_same_run(out, cfg)
     if is_main and not resuming:
         _clean_outputs(out)
     accelerator.wait_for_everyone()
 
-    # data, model, adapter ------------------------------------------------------------------------
-    run = build_run(cfg)
+    # data, model, adapter (the main process first: it fills the hub caches) ----------------------
+    with accelerator.main_process_first():
+        run = build_run(cfg)
     data, adapted = run.data, run.adapted
     regression = run.problem_type == "regression"
-    collate = make_collator(run.kind, run.preprocessor)
+    collate = make_collator(run.kind, run.preprocessor, run.forward_kwargs)
     sampler = EpochSampler(len(data.train), cfg.seed)
     train_loader = make_loader(make_dataset(data.train, run.kind, run.preprocessor, cfg.max_length, regression),
                                cfg.batch_size, collate, sampler=sampler, num_workers=cfg.num_workers)

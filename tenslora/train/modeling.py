@@ -24,6 +24,30 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+def default_image_size(name: str) -> int | None:
+    """The training image size a short model name suggests (e.g. 56 px for ``dinov2-small``)."""
+    try:
+        from tenslora.hub.registry import default_image_size as lookup
+    except ImportError:
+        return None
+    try:
+        return lookup(name)
+    except ValueError:
+        return None
+
+
+def forward_kwargs(model, kind: str, image_size: int | None) -> dict:
+    """Extra forward arguments: ViT-style models need ``interpolate_pos_encoding=True`` to take images
+    of another size than their position grid (DINOv2 interpolates on its own)."""
+    import inspect
+    native = getattr(getattr(model, "config", None), "image_size", None)
+    if kind != "image" or not image_size or native in (None, image_size):
+        return {}
+    if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
+        return {"interpolate_pos_encoding": True}
+    return {}
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from tenslora.api import get_adapted_model
-from tenslora.train.modeling import adapter_config, load_classifier, load_preprocessor, resolve_model_name
+from tenslora.train.modeling import (adapter_config, default_image_size, forward_kwargs, load_classifier,
+                                     load_preprocessor, resolve_model_name)
 from tenslora.train.protocol import PreparedData, prepare
 from tenslora.train.tasks import load_task
 
@@ -20,6 +21,7 @@ class Run:
     model_path: str
     kind: str
     preprocessor: object
+    forward_kwargs: dict
     adapted: nn.Module
     label_names: list[str] | None
     num_labels: int
@@ -36,7 +38,11 @@ def build_model(cfg, kind: str, num_labels: int, label_names, problem_type: str)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(head_seed(cfg.seed))
         model = load_classifier(path, kind, num_labels, label_names, problem_type)
-    return path, model, load_preprocessor(path, kind, cfg.image_size)
+    return path, model, load_preprocessor(path, kind, image_size(cfg))
+
+
+def image_size(cfg) -> int | None:
+    return cfg.image_size or default_image_size(cfg.model)
 
 
 def cap_single_rank(model, config):
@@ -65,5 +71,6 @@ def build_run(cfg, data: PreparedData | None = None, *, kind: str | None = None,
         kind, label_names, num_labels, problem_type = (data.task.kind, data.label_names, data.num_labels,
                                                        data.problem_type)
     path, model, preprocessor = build_model(cfg, kind, num_labels, label_names, problem_type)
+    extra = forward_kwargs(model, kind, image_size(cfg))
     adapted = get_adapted_model(model, cap_single_rank(model, adapter_config(cfg)))
-    return Run(data, path, kind, preprocessor, adapted, label_names, num_labels, problem_type)
+    return Run(data, path, kind, preprocessor, extra, adapted, label_names, num_labels, problem_type)
