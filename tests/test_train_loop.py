@@ -209,3 +209,21 @@ def test_accelerator_precision(monkeypatch):
     assert seen["mixed_precision"] == "fp16" and seen["cpu"] is False
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
         accel.build_accelerator(TrainConfig(precision="fp16", cpu=True))
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu(tmp_path, text_model):  # noqa: F811
+    """The same command under torchrun: a 2-process gloo group, one writer, gathered evaluation."""
+    import subprocess
+    import sys
+    data = write_csv(tmp_path / "d.csv", sentences(60))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tenslora",
+                           "train", "--task", str(data), "--model", str(text_model), "--output-dir", str(run),
+                           *QUICK, "--checkpoint-every", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("best (step") == 1  # only the main process reports
+    s = _summary(run)
+    assert s["num_processes"] == 2 and s["data_sizes"]["test"] == 6
+    assert all(m in s["final"] for m in METRICS)

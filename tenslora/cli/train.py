@@ -50,10 +50,14 @@ def train_command(**kwargs) -> None:
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
+    from tenslora.train.accel import use_cpu
     from tenslora.train.loop import train
     cfg = TrainConfig(**kwargs)
-    set_seed(cfg.seed + PartialState().process_index)  # once, here: the library itself never re-seeds
+    rank = PartialState(cpu=use_cpu(cfg)).process_index
+    set_seed(cfg.seed + rank)  # once, here: the library itself never re-seeds
     summary = train(cfg)
+    if rank != 0:
+        return
     out = cfg.resolved_output_dir()
     best, final = summary["best"], summary["final"]
     typer.echo(f"run: {out}  ({summary['wall_time_s']:.0f} s, {summary['steps']} steps, "

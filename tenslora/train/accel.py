@@ -1,6 +1,7 @@
 """The HF Accelerate side: one Accelerator for CPU, one GPU or many; memory and RNG bookkeeping."""
 from __future__ import annotations
 
+import os
 import random
 import resource
 import warnings
@@ -10,14 +11,22 @@ import torch
 from accelerate import Accelerator
 
 
+def use_cpu(cfg) -> bool:
+    """``--cpu``, or several processes launched (torchrun / accelerate launch) on a machine without
+    CUDA: Accelerate only forms a multi-CPU (gloo) group when told ``cpu=True``."""
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1 or int(os.environ.get("WORLD_SIZE", 1)) > 1
+    return bool(cfg.cpu or (launched and not torch.cuda.is_available()))
+
+
 def build_accelerator(cfg) -> Accelerator:
     """``--precision fp16`` needs CUDA (loss scaling); ``bf16`` autocasts on CPU and GPU."""
-    cuda = torch.cuda.is_available() and not cfg.cpu
+    cpu = use_cpu(cfg)
+    cuda = torch.cuda.is_available() and not cpu
     if cfg.precision == "fp16" and not cuda:
         raise ValueError("--precision fp16 needs a CUDA GPU; on CPU use --precision bf16 or no")
     if cfg.precision == "bf16" and not cuda:
         warnings.warn("bf16 autocast on CPU is supported but often slower than fp32", stacklevel=2)
-    return Accelerator(mixed_precision=cfg.precision, cpu=cfg.cpu)
+    return Accelerator(mixed_precision=cfg.precision, cpu=cpu)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -62,6 +62,7 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
     precision: str = _opt("no", "mixed precision: no, bf16, fp16 (fp16 needs a GPU)")
     cpu: bool = _opt(False, "run on CPU even when a GPU is present")
+    threads: int = _opt(0, "torch CPU threads (0: torch's default; 1 is often much faster on a busy, shared CPU)")
     # protocol -----------------------------------------------------------------------------------
     seed: int = _opt(0, "training seed (adapter init, data order, dropout)")
     data_seed: int = _opt(0, "seed of the train/validation/test split and of subsampling")
@@ -91,7 +92,8 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size", "grad_accum", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "checkpoint_every", "log_every", "monitor_every", "num_workers"):
+        for name in ("max_steps", "eval_every", "checkpoint_every", "log_every", "monitor_every", "num_workers",
+                     "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("train_samples", "eval_samples", "num_labels", "image_size"):

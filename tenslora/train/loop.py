@@ -90,7 +90,8 @@ def _clean_outputs(out: Path) -> None:
             p.unlink()
 
 
-RESUME_MAY_CHANGE = {"resume", "progress", "output_dir", "run_name", "checkpoint_every", "log_every", "num_workers"}
+RESUME_MAY_CHANGE = {"resume", "progress", "output_dir", "run_name", "checkpoint_every", "log_every", "num_workers",
+                     "threads"}
 
 
 def _saved_train_options(out: Path) -> dict:
@@ -115,6 +116,8 @@ def _prefixed(prefix: str, metrics: dict) -> dict:
 
 def train(cfg: TrainConfig, callbacks=()) -> dict:
     t_start = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # asked for explicitly: e.g. 1 on an oversubscribed CPU
     accelerator = build_accelerator(cfg)
     is_main = accelerator.is_main_process
     out = cfg.resolved_output_dir()
