@@ -30,7 +30,7 @@ from tenslora.train.accel import build_accelerator, peak_memory_mb, rng_state, s
 from tenslora.train.config import TrainConfig
 from tenslora.train.data import EpochSampler, make_collator, make_dataset, make_loader
 from tenslora.train.evaluate import evaluate_loader
-from tenslora.train.metrics import is_better, majority_baseline
+from tenslora.train.metrics import is_better, majority_baseline, metric_names
 from tenslora.train.modeling import adapter_config, resolve_auto_ranks
 from tenslora.train.setup import build_run
 
@@ -155,6 +155,9 @@ def train(cfg: TrainConfig, callbacks=()) -> dict:
                                       num_workers=cfg.num_workers)
                     for name in ("validation", "test")}
     select = cfg.select_metric or data.task.main_metric
+    allowed = metric_names(run.problem_type, run.num_labels)
+    if select not in allowed:
+        raise ValueError(f"--select-metric {select!r} is not a validation metric; allowed: {', '.join(allowed)}")
     trainable, total_params = count_trainable(adapted)
     adapter_params = adapted.adapter_parameters()
 
@@ -251,8 +254,6 @@ def train(cfg: TrainConfig, callbacks=()) -> dict:
         if step % eval_every == 0 or step == total_steps:
             val = last_val = evaluate("validation")
             logs.update(_prefixed("validation", val))
-            if select not in val:
-                raise ValueError(f"--select-metric {select!r} is not a validation metric; allowed: {', '.join(val)}")
             if is_better(select, val[select], best["value"]):
                 best = {"value": val[select], "step": step, "validation": val}
                 best_weights = ckpt.trainable_state(unwrapped)
@@ -285,6 +286,7 @@ def train(cfg: TrainConfig, callbacks=()) -> dict:
     final = {"step": step, **_prefixed("validation", last_val), **_prefixed("test", final_test)}
     if is_main:
         unwrapped.save_adapter(out / "final_adapter")
+    _call(callbacks, "on_train_end", unwrapped)  # sees the final weights
     if best["step"] == step or best_weights is None:
         best_test = final_test
     else:
@@ -292,7 +294,6 @@ def train(cfg: TrainConfig, callbacks=()) -> dict:
         best_test = evaluate("test")
     best_report = {"step": best["step"], **_prefixed("validation", best["validation"] or {}),
                    **_prefixed("test", best_test)}
-    _call(callbacks, "on_train_end", unwrapped)
 
     summary = {
         "status": "done", "task": data.task.name, "model": cfg.model, "construction": cfg.construction,

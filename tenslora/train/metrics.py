@@ -45,6 +45,13 @@ def compute_metrics(problem_type: str, outputs, labels, num_labels: int | None =
     return classification_metrics(outputs.argmax(-1), labels, num_labels)
 
 
+def metric_names(problem_type: str, num_labels: int | None = None) -> tuple[str, ...]:
+    """What :func:`compute_metrics` (plus the evaluation loss) reports for a task."""
+    if problem_type == "regression":
+        return (*REGRESSION_METRICS, "loss")
+    return (*CLASSIFICATION_METRICS, *(("f1",) if num_labels == 2 else ()), "loss")
+
+
 def is_better(metric: str, value: float, best: float | None) -> bool:
     """Strictly better (ties keep the earlier checkpoint); NaN is never better."""
     if value is None or math.isnan(value):
