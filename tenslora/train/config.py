@@ -104,6 +104,8 @@ class TrainConfig:
             raise ValueError("with --max-steps 0, --epochs must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.resume and not (self.output_dir or self.run_name):
+            raise ValueError("--resume needs --output-dir or --run-name (the run directory to continue)")
         self.mode_lr_dict()  # validate early
 
     # derived ------------------------------------------------------------------------------------
