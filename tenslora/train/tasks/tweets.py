@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 from tenslora.train.tasks.base import TaskData
 from tenslora.train.tasks.tabular import load_files
@@ -25,9 +26,9 @@ def corpus_path() -> Path:
 
 
 def load_tweets(cfg) -> TaskData:
-    cfg_cols = type("Cols", (), {"text_column": cfg.text_column or "text", "text_pair_column": None,
-                                 "label_column": cfg.label_column or "sentiment"})()
-    task = load_files(cfg_cols, {"train": str(corpus_path())}, name="tweets", encoding="latin-1",
+    columns = SimpleNamespace(text_column=cfg.text_column or "text", text_pair_column=None,
+                              label_column=cfg.label_column or "sentiment")
+    task = load_files(columns, {"train": str(corpus_path())}, name="tweets", encoding="latin-1",
                       drop_empty=True)  # a few tweets have no text
     task.label_names = ["negative", "neutral", "positive"]
     task.validation_size, task.test_size = 1000, 2000
