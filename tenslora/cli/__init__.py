@@ -8,6 +8,7 @@ import typer
 
 from tenslora.cli import bench
 from tenslora.cli import models
+from tenslora.cli import repro
 from tenslora.cli import sweep
 from tenslora.cli import train as train_cli
 from tenslora.cli import allocate as allocate_cli
@@ -17,6 +18,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 app.add_typer(bench.app, name="bench")
 app.add_typer(models.app, name="models")
 app.add_typer(sweep.app, name="sweep")
+app.add_typer(repro.app, name="repro")
 train_cli.register(app)
 app.command("allocate")(allocate_cli.allocate)
 
