@@ -199,3 +199,51 @@ def test_repro_miniature_end_to_end(tmp_path, text_model):  # noqa: F811
     repro.write_report(results, out2, tmp_path / "docs2" / "results", from_results=True)
     partial = out2.read_text()
     assert "PARTIAL RESULTS" in partial and files[0].stem in partial
+
+
+def test_report_from_synthetic_results(tmp_path):
+    """write_report on collected-format files with known numbers: tables, plots, verdicts, partial marker."""
+    import random
+
+    cfg = copy.deepcopy(repro.load_config())
+    cfg["experiments"]["A"].update(constructions=["att", "qkv_depth", "att_qkv_depth"], factorizations=["tucker"])
+    task = {"name": "syn", "kind": "text", "metric": "test_macro_f1", "metrics": ["test_macro_f1"],
+            "base": {"model": "x", "task": "y", "lr": 0.001}}
+    cfg["scales"] = {"s": {"seeds": [0, 1, 2], "tasks": {"text": [task]}}}
+    shape = repro.make_shape(32, 4, 2)
+    alloc = {f"lora:{k}": {"ranks_string": f"{k}_2_2_2_2", "reverse_ranks_string": f"2_2_2_2_{k + 1}",
+                           "parameters": 1, "reverse_parameters": 1, "budget": 2,
+                           "targets_effective_rank": {"input": 1.0}} for k in (1, 2)}
+    plan = repro.plan_task(cfg, task, repro.EXPERIMENTS, shape, alloc)
+    spec = repro.sweep_dict(cfg, "s", task, plan)
+    roles = repro.job_roles(plan, spec)
+    index = {"scale": "s", "task": "syn", "kind": "text", "metric": "test_macro_f1", "metrics": ["test_macro_f1"],
+             "base": spec["base"], "experiments": list(repro.EXPERIMENTS), "allocation": alloc, "jobs": roles}
+    d = tmp_path / "results" / "syn"
+    d.mkdir(parents=True)
+    (d / "_index.json").write_text(json.dumps(index))
+    rng = random.Random(0)
+    from tenslora.sweep.spec import expand, parse_sweep
+    for job in expand(parse_sweep(spec)):
+        o, varied = job.options, job.varied
+        mean = 0.6
+        if o["construction"] in ("qkv_depth", "att_qkv_depth") and "core_lambda" not in varied and "lr" not in varied:
+            mean = 0.7  # claim 1 holds
+        if o["construction"] == "att":
+            mean = 0.5  # claim 2 holds
+        summary = {"status": "done", "trainable_parameters": 1000, "adapter_parameters": 900, "wall_time_s": 10.0,
+                   "best": {"test_macro_f1": mean + rng.uniform(-0.005, 0.005)}}
+        (d / f"{job.name}.json").write_text(json.dumps({"task": "syn", "name": job.name, "options": o,
+                                                        "summary": summary, "config": {}, "roles": roles[job.name]}))
+    out = tmp_path / "docs" / "results.md"
+    res = repro.write_report(tmp_path / "results", out, tmp_path / "docs" / "results", from_results=True)
+    md = out.read_text()
+    v = res["verdicts"]["syn"]
+    assert v[1][0] == HELD and v[2][0] == HELD, (v[1], v[2])
+    assert v[3][0] == NOT_HELD  # lambda 16 (0.6) is below lambda 1 (0.7, A's matched run)
+    assert v[4][0] == INCONCLUSIVE
+    assert "PARTIAL" not in md and len(res["plots"]) == 3
+    assert "| qkv_depth/tucker |" in md and "control lr x16" in md and "reverse @ lora:1" in md
+    next(p for p in d.glob("*.json") if p.name != "_index.json").unlink()
+    res = repro.write_report(tmp_path / "results", out, tmp_path / "docs" / "results", from_results=True)
+    assert "PARTIAL RESULTS" in out.read_text()
