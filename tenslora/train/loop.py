@@ -26,7 +26,7 @@ import torch
 from tenslora.io import write_json_atomic
 from tenslora.params import count_trainable
 from tenslora.train import checkpoint as ckpt
-from tenslora.train.accel import build_accelerator, peak_memory_mb, rng_state, set_rng_state
+from tenslora.train.accel import build_accelerator, cpu_time_s, peak_memory_mb, rng_state, set_rng_state
 from tenslora.train.config import TrainConfig
 from tenslora.train.data import EpochSampler, make_collator, make_dataset, make_loader
 from tenslora.train.evaluate import evaluate_loader
@@ -304,6 +304,7 @@ def train(cfg: TrainConfig, callbacks=()) -> dict:
         "wall_time_s": round(elapsed_before + time.time() - t_start, 2),
         "steps_per_second": round(steps_run / train_time, 4) if train_time > 0 else None,
         "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+        "cpu_time_s": round(cpu_time_s(), 1),  # this process, this session (not summed over resumes)
         "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
     }
     if run.problem_type == "classification":
