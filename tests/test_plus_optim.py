@@ -95,6 +95,14 @@ def test_errors_cp_and_lora():
         build_param_groups(lora, lr=1e-3, lora_plus_ratio=0)
 
 
+def test_linear_probe_has_only_head_groups():
+    probe = get_adapted_model(tiny_bert(), TensLoRAConfig(construction="none"))
+    groups = build_param_groups(probe, lr=1e-3, weight_decay=0.1)
+    assert {g["name"] for g in groups} == {"head", "head_no_decay"}
+    with pytest.raises(ValueError, match="core_lambda=4 needs a Tucker adapter; a linear probe"):
+        build_param_groups(probe, lr=1e-3, core_lambda=4)
+
+
 def test_unfrozen_extra_goes_to_other():
     model = adapted("qkv_depth")
     model.base_model.bert.embeddings.LayerNorm.weight.requires_grad_(True)

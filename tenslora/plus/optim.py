@@ -65,8 +65,8 @@ def build_param_groups(adapted, *, lr: float, weight_decay: float = 0.0, core_la
         _positive(f"mode_lr[{mode!r}]", value)
     config = adapted.adapter_config
     is_lora = config.method == "lora"
-    if core_lambda != 1 and (is_lora or config.factorization != "tucker"):
-        what = "LoRA" if is_lora else f"{config.factorization!r}"
+    if core_lambda != 1 and (config.method != "tenslora" or config.factorization != "tucker"):
+        what = {"lora": "LoRA", "none": "a linear probe"}.get(config.method, repr(config.factorization))
         raise ValueError(f"core_lambda={core_lambda} needs a Tucker adapter; {what} has no core (allowed: 1)")
     if lora_plus_ratio is not None and not is_lora:
         raise ValueError(f"lora_plus_ratio={lora_plus_ratio} applies to the PEFT LoRA baseline only, not to "
