@@ -46,7 +46,7 @@ class TrainConfig:
     init: str = _opt("orthogonal", "factor initialisation")
     target_modules: str | None = _opt(None, "comma-separated projection names to adapt (default: per architecture)")
     # optimisation -------------------------------------------------------------------------------
-    lr: float = _opt(1e-3, "base learning rate (adapter factors)")
+    lr: float = _opt(3e-3, "base learning rate (adapters need far more than full fine-tuning's 1e-5)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     core_lambda: float = _opt(1.0, "TensLoRA+: Tucker core learning rate = lr * core_lambda")
     mode_lr: str | None = _opt(None, "TensLoRA+: per-mode lr multipliers, e.g. layers=2,input=0.5")
