@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tenslora.constructions import CONSTRUCTIONS
+from tenslora.layout import capped_ranks, mode_sizes
+from tenslora.targets import ModelShape
 
 
 @dataclass
@@ -41,9 +43,9 @@ def typical_ranks(construction: str, factorization: str, bench: StepBench) -> in
     """Rank ``bench.rank`` on every mode, capped by the small modes (heads, qkv, layers)."""
     if factorization == "cp":
         return bench.rank
-    sizes = {"input": bench.hidden, "output": bench.hidden, "head_dim": bench.hidden // bench.heads,
-             "heads": bench.heads, "qkv": 3, "layers": bench.layers}
-    return tuple(min(bench.rank, sizes[m]) for m in CONSTRUCTIONS[construction].mode_names)
+    shape = ModelShape(("query", "key", "value"), tuple(range(bench.layers)), bench.hidden, (bench.hidden,) * 3,
+                       bench.hidden // bench.heads)
+    return tuple(capped_ranks(bench.rank, mode_sizes(CONSTRUCTIONS[construction], shape)).values())
 
 
 def default_methods() -> list[str]:

@@ -23,3 +23,17 @@ def tensor_layout(construction: Construction, shape: ModelShape) -> dict[str, di
         for layer in shape.layers:
             layout.setdefault(construction.group_key(proj, layer), sizes)
     return layout
+
+
+def mode_sizes(construction: Construction, shape: ModelShape, reduce=max) -> dict[str, int]:
+    """``{mode: size}`` in mode order; where tensors differ (grouped-query attention) ``reduce`` picks."""
+    out: dict[str, int] = {}
+    for sizes in tensor_layout(construction, shape).values():
+        for mode, size in sizes.items():
+            out[mode] = reduce(out.get(mode, size), size)
+    return out
+
+
+def capped_ranks(rank: int, sizes: dict[str, int]) -> dict[str, int]:
+    """One rank for every mode, capped by each mode's size (a larger rank adds no capacity)."""
+    return {mode: min(rank, size) for mode, size in sizes.items()}

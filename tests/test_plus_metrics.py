@@ -7,14 +7,7 @@ from tenslora.config import TensLoRAConfig
 from tenslora.plus import metrics as M
 from tenslora.plus.spectra import spectrum_metrics
 from tenslora.tensor.algebra import unfold
-
-
-def tiny_bert(layers=3):
-    from transformers import BertConfig, BertForSequenceClassification
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=32, num_labels=2)
-    torch.manual_seed(0)
-    return BertForSequenceClassification(cfg)
+from conftest import tiny_bert
 
 
 def randomize(model, seed=0):

@@ -9,14 +9,7 @@ from tenslora.api import get_adapted_model
 from tenslora.config import TensLoRAConfig
 from tenslora.plus.monitor import Monitor, read_csv
 from tenslora.plus.optim import build_param_groups
-
-
-def tiny_bert(layers=3):
-    from transformers import BertConfig, BertForSequenceClassification
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=32, num_labels=2)
-    torch.manual_seed(0)
-    return BertForSequenceClassification(cfg)
+from conftest import tiny_bert
 
 
 def run_loop(model, callbacks, steps=5, output_dir=None):

@@ -5,14 +5,7 @@ import torch
 from tenslora.api import get_adapted_model
 from tenslora.config import TensLoRAConfig
 from tenslora.plus.optim import build_param_groups, parse_mode_lr
-
-
-def tiny_bert(layers=3):
-    from transformers import BertConfig, BertForSequenceClassification
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=32, num_labels=2)
-    torch.manual_seed(0)
-    return BertForSequenceClassification(cfg)
+from conftest import tiny_bert
 
 
 def adapted(construction="att_qkv_depth", factorization="tucker", ranks=3, layers=3):

@@ -130,12 +130,8 @@ def tucker_budget_fn(construction: str, shape, **config) -> Callable[[dict[str, 
 def mode_sizes(construction: str, shape) -> dict[str, int]:
     """``{mode: size}`` (the smallest over the construction's tensors) in mode order."""
     from tenslora.constructions import get_construction
-    from tenslora.layout import tensor_layout
-    out: dict[str, int] = {}
-    for sizes in tensor_layout(get_construction(construction), shape).values():
-        for m, d in sizes.items():
-            out[m] = min(out.get(m, d), d)
-    return out
+    from tenslora.layout import mode_sizes as sizes_of
+    return sizes_of(get_construction(construction), shape, reduce=min)
 
 
 def parse_budget(budget: int | str, shape) -> int:
@@ -160,7 +156,8 @@ def parse_budget(budget: int | str, shape) -> int:
 
 
 def probe_ranks(sizes: Mapping[str, int], probe_rank: int) -> dict[str, int]:
-    return {m: min(probe_rank, d) for m, d in sizes.items()}
+    from tenslora.layout import capped_ranks
+    return capped_ranks(probe_rank, dict(sizes))
 
 
 def allocate_from_metrics(metrics: Mapping[str, Mapping[str, float]], construction: str, shape, budget: int | str,
