@@ -1,12 +1,12 @@
 """Entry points: wrap a model with an adapter, or load a saved one. A registry picks the class."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
 from tenslora.config import TensLoRAConfig
+from tenslora.io import read_json
 from tenslora.lora import LoraModel
 from tenslora.model import CONFIG_FILE, AdaptedModel, TensLoRAModel
 from tenslora.probe import HeadOnlyModel
@@ -22,13 +22,7 @@ def get_adapted_model(model: nn.Module, config: TensLoRAConfig) -> AdaptedModel:
 
 def read_adapter_record(path: str | Path) -> dict:
     """The ``tenslora_config.json`` of a saved adapter directory."""
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{path} is not a saved adapter (no {CONFIG_FILE})")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{file} is not valid JSON: {exc}") from None
+    return read_json(Path(path) / CONFIG_FILE, f"{path} is not a saved adapter (no {CONFIG_FILE})")
 
 
 def load_adapted_model(model: nn.Module, path: str | Path) -> AdaptedModel:

