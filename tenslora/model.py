@@ -58,6 +58,12 @@ class AdaptedModel(nn.Module):
         """Trainable adapter parameters (task head excluded)."""
         raise NotImplementedError
 
+    def _train_heads(self, model: nn.Module, names) -> None:
+        """Record the task-head module paths (``names`` or the defaults) and make them trainable."""
+        self.head_modules = find_head_modules(model, names)
+        for path in self.head_modules:
+            model.get_submodule(path).requires_grad_(True)
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Adapter tensors to save, keyed ``adapters.<tensor>.<param>`` (head excluded)."""
         raise NotImplementedError
@@ -136,9 +142,7 @@ class TensLoRAModel(AdaptedModel):
                                   config.scaling, config.dropout)
             setattr(parent, leaf, layer)
             self.layers[(t.layer, t.proj)] = layer
-        self.head_modules = find_head_modules(model, config.modules_to_save)
-        for path in self.head_modules:
-            model.get_submodule(path).requires_grad_(True)
+        self._train_heads(model, config.modules_to_save)
 
     @contextlib.contextmanager
     def adapter_pass(self):

@@ -6,7 +6,7 @@ from torch import nn
 
 from tenslora.config import TensLoRAConfig
 from tenslora.model import AdaptedModel
-from tenslora.targets import find_head_modules, find_targets, model_shape
+from tenslora.targets import find_targets, model_shape
 
 
 class HeadOnlyModel(AdaptedModel):
@@ -21,11 +21,9 @@ class HeadOnlyModel(AdaptedModel):
         self.shape = model_shape(model, find_targets(model, config.target_modules))
         for p in model.parameters():
             p.requires_grad_(False)
-        self.head_modules = find_head_modules(model, config.modules_to_save)
+        self._train_heads(model, config.modules_to_save)
         if not self.head_modules:
             raise ValueError(f"{type(model).__name__} has no task head (classifier/score) to train")
-        for path in self.head_modules:
-            model.get_submodule(path).requires_grad_(True)
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
