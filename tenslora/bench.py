@@ -114,7 +114,7 @@ def peak_memory(method: str, bench: StepBench) -> dict:
     return {"peak_mb": peak / 2**20, "adapter_parameters": trainee.adapter_parameters}
 
 
-def interleaved_times(methods: list[str], bench: StepBench) -> dict[str, list[float]]:
+def interleaved_times(methods: list[str], bench: StepBench, progress=None) -> dict[str, list[float]]:
     """Step times of every configuration, one step each per round, ``bench.steps`` rounds."""
     if bench.threads:
         torch.set_num_threads(bench.threads)
@@ -126,6 +126,8 @@ def interleaved_times(methods: list[str], bench: StepBench) -> dict[str, list[fl
             elapsed = trainee.step(ids, labels)
             if round_ >= bench.warmup:
                 times[method].append(elapsed)
+        if progress:
+            progress(f"timing round {round_ + 1}/{bench.warmup + bench.steps} done")
     return times
 
 
@@ -147,7 +149,7 @@ def run_all(bench: StepBench, methods: list[str], progress=None) -> list[dict]:
         rows.append({"method": method, **json.loads(done.stdout.strip().splitlines()[-1])})
         if progress:
             progress(f"{method}: peak {rows[-1]['peak_mb']:.0f} MB")
-    times = interleaved_times(methods, bench)
+    times = interleaved_times(methods, bench, progress)
     for row in rows:
         row["median_s"] = statistics.median(times[row["method"]])
     if "lora" in methods:
