@@ -756,13 +756,27 @@ def _adapter_params(runs_by_name: dict, group) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _plot_a(task: str, metric: str, entries: list[dict], path: Path) -> Path:
+def _figure(size: tuple[float, float]):
+    """A new (figure, axes) on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    return plt.subplots(figsize=size)
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+
+def _save(fig, ax, path: Path) -> Path:
+    """Legend, tight layout, PNG at ``path``, figure closed."""
+    import matplotlib.pyplot as plt
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_a(task: str, metric: str, entries: list[dict], path: Path) -> Path:
+    fig, ax = _figure((7.5, 4.8))
     series = {"lora": ("PEFT LoRA", "s"), "tucker": ("Tucker", "o"), "cp": ("CP", "^")}
     for fac, (label, marker) in series.items():
         pts = [(e["group"].trainable_parameters, _stat(e["group"], metric), e["role"]) for e in entries
@@ -780,20 +794,11 @@ def _plot_a(task: str, metric: str, entries: list[dict], path: Path) -> Path:
     ax.set_ylabel(f"{metric} (best-validation checkpoint; mean ± std over seeds)")
     ax.set_title(f"A: constructions at equal parameters — {task}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def _plot_b(task: str, metric: str, entries: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = _figure((7.5, 4.8))
     series: dict[str, list] = {}
     for e in entries:
         s = _stat(e["group"], metric)
@@ -818,22 +823,13 @@ def _plot_b(task: str, metric: str, entries: list[dict], path: Path) -> Path:
     ax.set_ylabel(f"{metric} (mean ± std over seeds)")
     ax.set_title(f"B: heterogeneous learning rate vs uniform-lr controls — {task}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def _plot_c(task: str, metric: str, entries: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     arms = ["uniform", "auto", "reverse"]
     budgets = sorted({e["role"]["budget"] for e in entries}, key=lambda b: int(b.split(":")[1]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure((7, 4.5))
     width = 0.8 / len(arms)
     for i, arm in enumerate(arms):
         xs, ys, es = [], [], []
@@ -856,11 +852,7 @@ def _plot_c(task: str, metric: str, entries: list[dict], path: Path) -> Path:
     ax.set_ylabel(f"{metric} (mean ± std over seeds)")
     ax.set_title(f"C: rank allocation (att_qkv_depth Tucker) — {task}")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 EXP_TITLES = {
@@ -879,7 +871,6 @@ def write_report(source: str | os.PathLike, out_md: str | os.PathLike, plots_dir
     out_md, plots_dir = Path(out_md), Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(plots_dir, out_md.parent)
-    runs_by_name = {(r["task"], r["name"]): r for r in runs}
     plots: list[Path] = []
     verdicts: dict[str, dict[int, tuple[str, str]]] = {}
     missing_total: dict[str, list[str]] = {}
