@@ -765,9 +765,12 @@ def _figure(size: tuple[float, float]):
     return plt.subplots(figsize=size)
 
 
-def _save(fig, ax, path: Path) -> Path:
-    """Legend, tight layout, PNG at ``path``, figure closed."""
+def _save(fig, ax, path: Path, *, ylabel: str, title: str, grid_axis: str = "both") -> Path:
+    """Y label, title, grid, legend, tight layout; PNG at ``path``, figure closed."""
     import matplotlib.pyplot as plt
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, axis=grid_axis, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -791,10 +794,8 @@ def _plot_a(task: str, metric: str, entries: list[dict], path: Path) -> Path:
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (adapter + head)")
-    ax.set_ylabel(f"{metric} (best-validation checkpoint; mean ± std over seeds)")
-    ax.set_title(f"A: constructions at equal parameters — {task}")
-    ax.grid(True, alpha=0.3)
-    return _save(fig, ax, path)
+    return _save(fig, ax, path, ylabel=f"{metric} (best-validation checkpoint; mean ± std over seeds)",
+                 title=f"A: constructions at equal parameters — {task}")
 
 
 def _plot_b(task: str, metric: str, entries: list[dict], path: Path) -> Path:
@@ -820,10 +821,8 @@ def _plot_b(task: str, metric: str, entries: list[dict], path: Path) -> Path:
                     capsize=3, label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("core lambda  |  controls: whole-adapter lr multiplier  |  LoRA+: B/A lr ratio")
-    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
-    ax.set_title(f"B: heterogeneous learning rate vs uniform-lr controls — {task}")
-    ax.grid(True, alpha=0.3)
-    return _save(fig, ax, path)
+    return _save(fig, ax, path, ylabel=f"{metric} (mean ± std over seeds)",
+                 title=f"B: heterogeneous learning rate vs uniform-lr controls — {task}")
 
 
 def _plot_c(task: str, metric: str, entries: list[dict], path: Path) -> Path:
@@ -849,10 +848,8 @@ def _plot_c(task: str, metric: str, entries: list[dict], path: Path) -> Path:
         lo, hi = min(ys_all), max(ys_all)
         pad = max(0.02, (hi - lo))
         ax.set_ylim(lo - pad, hi + pad)
-    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
-    ax.set_title(f"C: rank allocation (att_qkv_depth Tucker) — {task}")
-    ax.grid(True, axis="y", alpha=0.3)
-    return _save(fig, ax, path)
+    return _save(fig, ax, path, ylabel=f"{metric} (mean ± std over seeds)",
+                 title=f"C: rank allocation (att_qkv_depth Tucker) — {task}", grid_axis="y")
 
 
 EXP_TITLES = {
