@@ -1,8 +1,11 @@
 """TensLoRA+ through the real trainer: --monitor-every, tenslora allocate, --ranks auto (tiny models)."""
 import csv
+import dataclasses
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 tu = pytest.importorskip("test_train_utils")
 text_model = tu.text_model  # the session fixture
@@ -58,3 +61,12 @@ def test_allocate_cli_and_ranks_auto(tmp_path, capsys, text_model, monkeypatch):
     auto = json.loads((run / "allocation" / "allocation.json").read_text())
     assert summary["ranks"] == auto["ranks"]
     assert summary["adapter_parameters"] == auto["predicted_parameters"] <= record["budget"]
+
+    # the probe runs first but leaves no trace: the same ranks given by hand train to the same weights
+    fixed = tmp_path / "fixed"
+    train(dataclasses.replace(cfg, ranks=auto["ranks_string"], budget=None, output_dir=str(fixed)))
+    name = "final_adapter/adapter_model.safetensors"  # adapter tensors and the task head
+    a, b = load_file(run / name), load_file(fixed / name)
+    assert a.keys() == b.keys() and any(k.startswith("head.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

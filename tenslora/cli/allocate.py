@@ -30,9 +30,6 @@ def allocate(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="probe progress bar")] = True,
 ) -> None:
     """Probe-train with generous ranks, measure per-mode spectra, choose per-mode ranks under the budget."""
-    from accelerate import PartialState
-    from accelerate.utils import set_seed
-
     from tenslora.plus.allocate import ALLOCATION_FILE, allocate as run_allocate, format_record
     from tenslora.train.config import TrainConfig
 
@@ -41,7 +38,6 @@ def allocate(
                       eval_samples=eval_samples, max_length=max_length, alpha=alpha, seed=seed,
                       max_steps=probe_steps, progress=progress,
                       output_dir=output_dir or f"runs/allocate-{construction}")
-    set_seed(cfg.seed + PartialState().process_index)  # once, here: the library never re-seeds
     record = run_allocate(cfg, budget, floor=floor, probe_steps=probe_steps, probe_rank=probe_rank,
                           output_dir=cfg.resolved_output_dir())
     typer.echo(format_record(record))

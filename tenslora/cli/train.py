@@ -48,14 +48,12 @@ def _fmt(metrics: dict, prefix: str) -> str:
 def train_command(**kwargs) -> None:
     """Fine-tune a text or image classifier with a TensLoRA (or PEFT LoRA) adapter."""
     from accelerate import PartialState
-    from accelerate.utils import set_seed
 
     from tenslora.train.accel import use_cpu
     from tenslora.train.loop import train
     cfg = TrainConfig(**kwargs)
     rank = PartialState(cpu=use_cpu(cfg)).process_index
-    set_seed(cfg.seed + rank)  # once, here: the library itself never re-seeds
-    summary = train(cfg)
+    summary = train(cfg)  # seeds its own draws from cfg.seed
     if rank != 0:
         return
     out = cfg.resolved_output_dir()

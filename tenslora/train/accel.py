@@ -5,6 +5,7 @@ import os
 import random
 import resource
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -55,3 +56,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def seeded_rng(seed: int):
+    """Seed torch (CPU and CUDA), numpy and ``random`` for the block; restore the caller's states after.
+
+    A run then draws its dropout masks from its own seed, whatever ran before it in the process."""
+    saved = rng_state()
+    try:
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        yield
+    finally:
+        set_rng_state(saved)

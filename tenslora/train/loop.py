@@ -24,13 +24,14 @@ import torch
 from tenslora.io import write_json_atomic
 from tenslora.params import count_trainable
 from tenslora.train import checkpoint as ckpt
-from tenslora.train.accel import build_accelerator, cpu_time_s, peak_memory_mb, rng_state, set_rng_state
+from tenslora.train.accel import (build_accelerator, cpu_time_s, peak_memory_mb, rng_state, seeded_rng,
+                                  set_rng_state, use_cpu)
 from tenslora.train.config import TrainConfig
 from tenslora.train.data import EpochSampler, make_collator, make_dataset, make_loader
 from tenslora.train.evaluate import evaluate_loader
 from tenslora.train.metrics import is_better, majority_baseline, metric_names
 from tenslora.train.modeling import adapter_config, resolve_auto_ranks
-from tenslora.train.setup import build_run
+from tenslora.train.setup import build_run, derived_seed
 
 OUTPUTS = ("summary.json", "metrics.csv", "tb", "best_adapter", "final_adapter", ckpt.CHECKPOINT_DIR,
            "loss.png", "validation_metrics.png")
@@ -102,6 +103,15 @@ def _prefixed(prefix: str, metrics: dict) -> dict:
 
 
 def train(cfg: TrainConfig, callbacks=()) -> dict:
+    """One run; returns its summary (also written to ``summary.json``). Every random draw (head, adapter,
+    data order, dropout) follows ``cfg.seed`` alone, and the caller's global RNG states are left as found."""
+    from accelerate import PartialState
+    process = PartialState(cpu=use_cpu(cfg)).process_index  # each process its own dropout stream
+    with seeded_rng(derived_seed(cfg.seed, f"train/{process}")):
+        return _train(cfg, callbacks)
+
+
+def _train(cfg: TrainConfig, callbacks) -> dict:
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # asked for explicitly: e.g. 1 on an oversubscribed CPU

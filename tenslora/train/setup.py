@@ -28,15 +28,16 @@ class Run:
     problem_type: str
 
 
-def head_seed(seed: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/head".encode()).digest()[:8], "little") >> 1
+def derived_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one use of a run's seed (``"head"``, ``"train"``): the uses do not share streams."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{purpose}".encode()).digest()[:8], "little") >> 1
 
 
 def build_model(cfg, kind: str, num_labels: int, label_names, problem_type: str):
     """The classifier (head initialised from the seed, caller's RNG untouched) and its preprocessor."""
     path = resolve_model_name(cfg.model)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(head_seed(cfg.seed))
+        torch.manual_seed(derived_seed(cfg.seed, "head"))
         model = load_classifier(path, kind, num_labels, label_names, problem_type)
     return path, model, load_preprocessor(path, kind, image_size(cfg))
 
