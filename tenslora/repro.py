@@ -498,8 +498,8 @@ def _runs_from_dir(root: Path) -> list[dict]:
 
 
 def _indexes_from_dir(root: Path) -> dict[str, dict]:
-    return {json.loads(p.read_text())["task"]: json.loads(p.read_text())
-            for p in sorted(Path(root).glob(f"*/{INDEX_FILE}"))}
+    indexes = [json.loads(p.read_text()) for p in sorted(Path(root).glob(f"*/{INDEX_FILE}"))]
+    return {index["task"]: index for index in indexes}
 
 
 def collect(root: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:

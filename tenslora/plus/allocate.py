@@ -155,11 +155,6 @@ def parse_budget(budget: int | str, shape) -> int:
     return value
 
 
-def probe_ranks(sizes: Mapping[str, int], probe_rank: int) -> dict[str, int]:
-    from tenslora.layout import capped_ranks
-    return capped_ranks(probe_rank, dict(sizes))
-
-
 def allocate_from_metrics(metrics: Mapping[str, Mapping[str, float]], construction: str, shape, budget: int | str,
                           floor: int = 2, reverse: bool = False) -> dict:
     """Choose ranks from aggregate per-mode ``metrics``; returns the allocation record (JSON-ready)."""
@@ -238,8 +233,9 @@ def _cap_probe_ranks(cfg, probe_rank: int):
         return cfg
     if shape is None:
         return cfg
-    sizes = mode_sizes(cfg.construction, shape)
-    return dataclasses.replace(cfg, ranks="_".join(str(r) for r in probe_ranks(sizes, probe_rank).values()))
+    from tenslora.layout import capped_ranks
+    ranks = capped_ranks(probe_rank, mode_sizes(cfg.construction, shape))
+    return dataclasses.replace(cfg, ranks="_".join(str(r) for r in ranks.values()))
 
 
 def _shape_from_config(config):
