@@ -1,6 +1,9 @@
 """One factorized tensor plus the bookkeeping that maps it to the projections it adapts."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -8,35 +11,99 @@ from tenslora.constructions import Construction
 from tenslora.tensor.factorized import FactorizedTensor
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointing recomputes forwards)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class _Slices:
+    """Every projection's ``(A, B)`` computed at once, and what they were computed from."""
+
+    key: tuple
+    grad: bool
+    pass_id: int
+    a: torch.Tensor
+    slices: list[torch.Tensor]
+    served_with_grad: set = field(default_factory=set)
+
+
 class TensorAdapter(nn.Module):
     """Holds ``tensor`` (Tucker or CP) and serves each projection its thin pair ``(A, B)``.
 
-    ``A: (d_in, r)`` is the input factor; ``B: (r, d_out)`` is the projection's slice with the
-    output modes merged (column = head * head_dim + d). Inside a model forward pass the pairs are
-    computed once for every projection of the tensor (:meth:`begin_pass`) and reused by each call.
+    ``A: (d_in, r)`` is the input factor; ``B: (r, d_out_p)`` is the projection's slice with the
+    output modes merged (column = head * head_dim + d) and, where the tensor is wider than the
+    projection (grouped-query attention), restricted to the projection's columns ``columns[p]``.
+
+    Slices are computed once for every projection of the tensor and cached, keyed by the
+    parameters' versions (an optimizer step or a load invalidates them):
+    - without grad (evaluation, ``generate()``), the cache serves while the parameters are unchanged;
+    - with grad, it serves within the pass that built it (:meth:`begin_pass`, one per model forward),
+      and inside backward to projections it served with grad, so that a checkpointed block recomputes
+      with the very same tensors. Any other call with grad computes its own slices.
     """
 
-    def __init__(self, tensor: FactorizedTensor, construction: Construction):
+    def __init__(self, tensor: FactorizedTensor, construction: Construction,
+                 columns: Sequence[Sequence[int] | None] | None = None):
         super().__init__()
         self.tensor = tensor
         self.construction = construction
-        self._cached: tuple[torch.Tensor, list[torch.Tensor], tuple[int, ...]] | None = None
+        self._column_names: list[str | None] = []
+        for p, cols in enumerate(columns or ()):
+            name = None
+            if cols is not None:
+                name = f"columns_{p}"
+                self.register_buffer(name, torch.tensor(list(cols), dtype=torch.long), persistent=False)
+            self._column_names.append(name)
+        self._cache: _Slices | None = None
+        self._pass_id = 0
+        self._open = False
 
-    def _compute(self) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, ...]]:
+    def _key(self) -> tuple:
+        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.tensor.parameters())
+
+    def _compute(self) -> _Slices:
         a, b = self.tensor.thin_pair(self.construction.col_modes, self.construction.batch_modes)
-        batch_shape = tuple(b.shape[:-2])
-        return a, list(b.reshape(-1, *b.shape[-2:]).unbind(0)), batch_shape
+        if self.construction.qkv and any(self._column_names):  # qkv is the first batch mode
+            per_proj = [b[p] if name is None else b[p].index_select(-1, getattr(self, name))
+                        for p, name in enumerate(self._column_names)]
+            slices = [s for bp in per_proj for s in bp.reshape(-1, *bp.shape[-2:]).unbind(0)]
+        else:
+            slices = list(b.reshape(-1, *b.shape[-2:]).unbind(0))
+        return _Slices(self._key(), torch.is_grad_enabled(), self._pass_id, a, slices)
 
     def begin_pass(self) -> None:
-        self._cached = self._compute()
+        """Open a pass (one model forward): compute every slice now, outside any checkpointed block."""
+        self._pass_id += 1
+        self._open = True
+        self._cache = self._compute()
 
     def end_pass(self) -> None:
-        self._cached = None
+        """Close the pass; the slices stay cached for a checkpointed recomputation in backward."""
+        self._open = False
+
+    def _serve(self, flat: int) -> _Slices:
+        cache, grad = self._cache, torch.is_grad_enabled()
+        if cache is not None and cache.key == self._key():
+            if not grad:
+                return cache
+            if cache.grad and self._open and cache.pass_id == self._pass_id:
+                cache.served_with_grad.add(flat)
+                return cache
+            if cache.grad and _in_backward() and flat in cache.served_with_grad:
+                return cache
+        if not grad or self._open:  # cache for the rest of the pass (or of the no-grad calls)
+            self._cache = self._compute()
+            if grad:
+                self._cache.served_with_grad.add(flat)
+            return self._cache
+        return self._compute()
 
     def pair(self, batch_index: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` for the projection at ``batch_index`` (computed here if no pass is open)."""
-        a, slices, batch_shape = self._cached if self._cached is not None else self._compute()
+        """``(A (d_in, r), B (r, d_out_p))`` for the projection at ``batch_index``."""
+        shape = dict(zip(self.tensor.mode_names, self.tensor.shape))
         flat = 0
-        for i, size in zip(batch_index, batch_shape):
+        for i, size in zip(batch_index, (shape[m] for m in self.construction.batch_modes)):
             flat = flat * size + i
-        return a, slices[flat]
+        entry = self._serve(flat)
+        return entry.a, entry.slices[flat]

@@ -14,7 +14,7 @@ from tenslora.config import TensLoRAConfig, warn_ranks_above_sizes
 from tenslora.constructions import get_construction
 from tenslora.io import write_dir_atomic
 from tenslora.layer import AdaptedLinear
-from tenslora.layout import tensor_layout
+from tenslora.layout import column_index, tensor_layout
 from tenslora.params import summary_line
 from tenslora.targets import check_fingerprint, find_head_modules, find_targets, fingerprint, model_shape
 from tenslora.tensor.factorized import FACTORIZATIONS
@@ -58,9 +58,9 @@ class AdaptedModel(nn.Module):
         """Trainable adapter parameters (task head excluded)."""
         raise NotImplementedError
 
-    def _train_heads(self, model: nn.Module, names) -> None:
-        """Record the task-head module paths (``names`` or the defaults) and make them trainable."""
-        self.head_modules = find_head_modules(model, names)
+    def _train_heads(self, model: nn.Module, head_modules: list[str]) -> None:
+        """Record the task-head module paths (from :func:`find_head_modules`) and make them trainable."""
+        self.head_modules = head_modules
         for path in self.head_modules:
             model.get_submodule(path).requires_grad_(True)
 
@@ -119,10 +119,11 @@ class TensLoRAModel(AdaptedModel):
         targets = find_targets(model, config.target_modules)
         self.shape = model_shape(model, targets)
         layout = tensor_layout(construction, self.shape)
+        columns = [column_index(construction, self.shape, p) for p in range(len(self.shape.projections))]
+        head_modules = find_head_modules(model, config.modules_to_save)
         ranks = config.mode_ranks()
-        for p in model.parameters():
-            p.requires_grad_(False)
         device = next(iter(model.parameters())).device
+        # build everything first; the model is modified only once nothing can fail
         self.adapters = nn.ModuleDict()
         for name, sizes in layout.items():
             if config.factorization == "tucker":
@@ -132,17 +133,22 @@ class TensLoRAModel(AdaptedModel):
             else:
                 tensor = FACTORIZATIONS["cp"](list(sizes.values()), ranks["input"], list(sizes),
                                               init=config.init, generator=adapter_generator(config.seed, name))
-            self.adapters[name] = TensorAdapter(tensor, construction).to(device)
+            self.adapters[name] = TensorAdapter(tensor, construction, columns if construction.qkv else None).to(device)
         self.layers: dict[tuple[int, str], AdaptedLinear] = {}
+        placements = []
         for t in targets:
             parent_name, _, leaf = t.name.rpartition(".")
             parent = model.get_submodule(parent_name)
             adapter = self.adapters[construction.group_key(t.proj, t.layer)]
             layer = AdaptedLinear(getattr(parent, leaf), adapter, construction.batch_index(t.proj_index, t.layer_index),
                                   config.scaling, config.dropout)
-            setattr(parent, leaf, layer)
+            placements.append((parent, leaf, layer))
             self.layers[(t.layer, t.proj)] = layer
-        self._train_heads(model, config.modules_to_save)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for parent, leaf, layer in placements:
+            setattr(parent, leaf, layer)
+        self._train_heads(model, head_modules)
 
     @contextlib.contextmanager
     def adapter_pass(self):
@@ -160,6 +166,11 @@ class TensLoRAModel(AdaptedModel):
     def forward(self, *args, **kwargs):
         with self.adapter_pass():
             return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """``base_model.generate`` with the slices computed once for the whole generation."""
+        with torch.no_grad(), self.adapter_pass():
+            return self.base_model.generate(*args, **kwargs)
 
     # analysis -----------------------------------------------------------------------------
     def adapter_parameters(self) -> int:

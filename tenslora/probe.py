@@ -6,7 +6,7 @@ from torch import nn
 
 from tenslora.config import TensLoRAConfig
 from tenslora.model import AdaptedModel
-from tenslora.targets import find_targets, model_shape
+from tenslora.targets import find_head_modules, find_targets, model_shape
 
 
 class HeadOnlyModel(AdaptedModel):
@@ -19,11 +19,12 @@ class HeadOnlyModel(AdaptedModel):
         self.base_model = model
         self.adapter_config = config
         self.shape = model_shape(model, find_targets(model, config.target_modules))
+        head_modules = find_head_modules(model, config.modules_to_save)
+        if not head_modules:
+            raise ValueError(f"{type(model).__name__} has no task head (classifier/score) to train")
         for p in model.parameters():
             p.requires_grad_(False)
-        self._train_heads(model, config.modules_to_save)
-        if not self.head_modules:
-            raise ValueError(f"{type(model).__name__} has no task head (classifier/score) to train")
+        self._train_heads(model, head_modules)
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)

@@ -48,15 +48,18 @@ def test_injection_covers_qkv_and_freezes_base(kind, construction, tmp_path):
 
 
 def test_grouped_query_attention():
+    """Every construction injects into GQA; stacked tensors are as wide as the query projection."""
     adapted = get_adapted_model(tiny_llama_gqa(), TensLoRAConfig("att_depth", ranks=2))
     assert adapted.shape.projections == ("q_proj", "k_proj", "v_proj")
     assert adapted.shape.d_out == (32, 16, 16)
     assert adapted.adapters["k_proj"].tensor.shape == (32, 8, 2, 2)  # (d_in, head_dim, kv heads, layers)
     ids = torch.randint(1, 100, (2, 5))
     adapted(input_ids=ids).logits.sum().backward()
-    for construction in ("qkv", "qkv_depth", "att_qkv", "att_qkv_depth"):
-        with pytest.raises(ValueError, match="widths differ.*grouped-query"):
-            get_adapted_model(tiny_llama_gqa(), TensLoRAConfig(construction, ranks=2))
+    for construction, shape in [("qkv", (32, 32, 3)), ("qkv_depth", (32, 32, 3, 2)), ("att_qkv", (32, 8, 4, 3)),
+                                ("att_qkv_depth", (32, 8, 4, 3, 2))]:
+        adapted = get_adapted_model(tiny_llama_gqa(), TensLoRAConfig(construction, ranks=2))
+        assert next(iter(adapted.adapters.values())).tensor.shape == shape
+        assert adapted.delta_weight(1, "k_proj").shape == (16, 32)
     get_adapted_model(tiny_llama_gqa(), TensLoRAConfig("lora", ranks=2))
 
 

@@ -112,8 +112,8 @@ class CP(FactorizedTensor):
         return kr.sum(dim=1).reshape(self.shape)
 
     def thin_pair(self, col_modes, batch_modes):
-        weights = torch.ones((), device=self.factors[self.mode_names[0]].device)
-        weights = weights.expand(self.rank)
+        first = self.factors[self.mode_names[0]]
+        weights = torch.ones((), device=first.device, dtype=first.dtype).expand(self.rank)
         for mode in batch_modes:  # outer over batch indices, Hadamard over r: (*d_batch, R)
             weights = weights[..., None, :] * self.factors[mode]
         cols = khatri_rao([self.factors[m] for m in col_modes]).T  # (R, prod d_col)
