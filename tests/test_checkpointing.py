@@ -1,0 +1,133 @@
+"""Gradient checkpointing and the once-per-parameter-version slice cache.
+
+Gradients with ``gradient_checkpointing_enable()`` (transformers' default, non-reentrant, and
+``use_reentrant=True``) equal gradients without, for every construction x factorization on a tiny
+GQA LLaMA and a tiny BERT; gradient accumulation without a step stays exact; ``generate()`` builds
+the slices once and matches the merged model.
+"""
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_bert, tiny_llama_gqa
+from tenslora import CONSTRUCTIONS, TensLoRAConfig, get_adapted_model
+from tenslora.adapter import TensorAdapter
+
+PAIRS = [(c, f) for c in CONSTRUCTIONS for f in ("tucker", "cp")]
+
+
+def adapted_model(kind, construction, factorization, seed=0):
+    model = tiny_llama_gqa() if kind == "llama" else tiny_bert()
+    for m in model.modules():  # no dropout: runs with and without checkpointing draw alike
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    adapted = get_adapted_model(model, TensLoRAConfig(construction, factorization, ranks=2))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapted.adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return adapted.train()
+
+
+def batch(n=2, seq=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 100, (n, seq), generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def grads(adapted):
+    return {n: p.grad.clone() for n, p in adapted.named_parameters() if p.requires_grad}
+
+
+def assert_close(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        scale = b[name].abs().max().clamp_min(1e-12)
+        assert (a[name] - b[name]).abs().max() <= 1e-5 * scale, name
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+@pytest.mark.parametrize("construction,factorization", PAIRS)
+def test_checkpointing_gives_the_same_gradients(kind, construction, factorization):
+    ids, labels = batch()
+    plain = adapted_model(kind, construction, factorization)
+    plain(input_ids=ids, labels=labels).loss.backward()
+    reference = grads(plain)
+    assert any(g.abs().sum() > 0 for n, g in reference.items() if "adapters." in n)
+    for kwargs in (None, {"use_reentrant": True}):
+        adapted = adapted_model(kind, construction, factorization)
+        adapted.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        adapted(input_ids=ids, labels=labels).loss.backward()
+        assert_close(grads(adapted), reference)
+
+
+@pytest.mark.parametrize("construction,factorization", [("att_qkv_depth", "tucker"), ("qkv", "cp")])
+def test_gradient_accumulation_without_a_step(construction, factorization):
+    (ids1, labels1), (ids2, labels2) = batch(seed=1), batch(seed=2)
+    plain = adapted_model("llama", construction, factorization)
+    plain(input_ids=ids1, labels=labels1).loss.backward()
+    plain(input_ids=ids2, labels=labels2).loss.backward()
+    reference = grads(plain)
+    for checkpointing in (False, True):
+        adapted = adapted_model("llama", construction, factorization)
+        if checkpointing:
+            adapted.gradient_checkpointing_enable()
+        # two forwards first, then two backwards: each backward recomputes against its own pass
+        loss1 = adapted(input_ids=ids1, labels=labels1).loss
+        loss2 = adapted(input_ids=ids2, labels=labels2).loss
+        loss1.backward()
+        loss2.backward()
+        assert_close(grads(adapted), reference)
+
+
+def test_optimizer_step_invalidates_the_cache():
+    adapted = adapted_model("llama", "att_qkv_depth", "tucker")
+    adapted.eval()
+    ids, labels = batch()
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=0.1)
+    with torch.no_grad():
+        before = adapted(input_ids=ids).logits
+    adapted(input_ids=ids, labels=labels).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after_direct = adapted.base_model(input_ids=ids).logits  # outside any pass: cache keyed by versions
+        after = adapted(input_ids=ids).logits
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after_direct, after, atol=1e-6)
+    dense = adapted.layer(0, "k_proj").delta_weight()
+    assert torch.allclose(dense, adapted.layer(0, "k_proj").delta_weight())
+
+
+def count_computes(monkeypatch):
+    calls = []
+    original = TensorAdapter._compute
+
+    def counting(self):
+        calls.append(self)
+        return original(self)
+    monkeypatch.setattr(TensorAdapter, "_compute", counting)
+    return calls
+
+
+@pytest.mark.parametrize("construction", ["att_qkv_depth", "att"])
+def test_generate_builds_slices_once_and_matches_merged(construction, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=101, pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+    adapted = get_adapted_model(model, TensLoRAConfig(construction, ranks=2, target_modules=("q_proj", "k_proj", "v_proj")))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapted.adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    ids = torch.randint(1, 100, (2, 4), generator=g)
+    calls = count_computes(monkeypatch)
+    out = adapted.generate(input_ids=ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert len(calls) == len(adapted.adapters)  # once per tensor for the whole generation, not per token
+    calls.clear()
+    direct = adapted.base_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert len(calls) <= len(adapted.adapters)  # the base model's own generate reuses them too
+    assert torch.equal(direct, out)
+    merged = adapted.merge_and_unload()
+    assert torch.equal(merged.generate(input_ids=ids, max_new_tokens=6, do_sample=False, min_new_tokens=6), out)
