@@ -1,23 +1,60 @@
-"""Entry points: wrap a model with an adapter, or load a saved one. A registry picks the class."""
+"""Entry points: wrap a model with an adapter, or load a saved one. A registry picks the class.
+
+Injection is all-or-nothing: the fit check and the file are read before anything is built, and a
+failure while building or loading restores the caller's model (modules and ``requires_grad``).
+"""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from torch import nn
 
 from tenslora.config import TensLoRAConfig
 from tenslora.io import read_json
+from tenslora.layer import AdaptedLinear
 from tenslora.lora import LoraModel
-from tenslora.model import CONFIG_FILE, AdaptedModel, TensLoRAModel
+from tenslora.model import CONFIG_FILE, WEIGHTS_FILE, AdaptedModel, TensLoRAModel, read_weights
 from tenslora.probe import HeadOnlyModel
+from tenslora.targets import check_fingerprint, find_targets, fingerprint, model_shape
 
 ADAPTED_MODELS: dict[str, type[AdaptedModel]] = {"tenslora": TensLoRAModel, "lora": LoraModel,
                                                   "none": HeadOnlyModel}
 
 
+def _refuse_adapted(model: nn.Module) -> None:
+    """ValueError if ``model`` is an adapted model or already holds adapter layers."""
+    carrier = isinstance(model, AdaptedModel) or any(
+        isinstance(m, AdaptedLinear) or type(m).__module__.startswith("peft.") for m in model.modules())
+    if carrier:
+        raise ValueError(f"model already carries an adapter ({type(model).__name__}); pass the plain base model "
+                         "(or call merge_and_unload() first)")
+
+
+@contextlib.contextmanager
+def _all_or_nothing(model: nn.Module):
+    """On any exception inside, put back every submodule, ``requires_grad`` and top-level attribute."""
+    children = {m: dict(m._modules) for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    attributes = set(vars(model))
+    try:
+        yield
+    except BaseException:
+        for module, kids in children.items():
+            module._modules.clear()
+            module._modules.update(kids)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        for name in set(vars(model)) - attributes:
+            delattr(model, name)
+        raise
+
+
 def get_adapted_model(model: nn.Module, config: TensLoRAConfig) -> AdaptedModel:
     """Freeze ``model``, inject the adapter of ``config``, keep the task head trainable."""
-    return ADAPTED_MODELS[config.method](model, config)
+    _refuse_adapted(model)
+    with _all_or_nothing(model):
+        return ADAPTED_MODELS[config.method](model, config)
 
 
 def read_adapter_record(path: str | Path) -> dict:
@@ -26,9 +63,17 @@ def read_adapter_record(path: str | Path) -> dict:
 
 
 def load_adapted_model(model: nn.Module, path: str | Path) -> AdaptedModel:
-    """Rebuild the adapter saved in ``path`` on ``model`` (same architecture and shapes)."""
+    """Rebuild the adapter saved in ``path`` on ``model`` (same architecture and shapes).
+
+    Checks first, in this order, before touching ``model``: the record, that the adapter fits the
+    model (architecture and adapted shapes), that the weights file reads."""
     record = read_adapter_record(path)
     method = record.get("method")
     if method not in ADAPTED_MODELS:
         raise ValueError(f"{path}: unknown adapter method {method!r}; allowed: {', '.join(ADAPTED_MODELS)}")
-    return ADAPTED_MODELS[method].from_pretrained(model, path, record)
+    _refuse_adapted(model)
+    config = TensLoRAConfig.from_dict(record["config"])
+    check_fingerprint(record["model"], fingerprint(model, model_shape(model, find_targets(model, config.target_modules))))
+    tensors = read_weights(Path(path) / WEIGHTS_FILE)
+    with _all_or_nothing(model):
+        return ADAPTED_MODELS[method].from_pretrained(model, path, config, tensors)

@@ -10,7 +10,7 @@ from torch import nn
 from tenslora.config import TensLoRAConfig
 from tenslora.io import write_dir_atomic
 from tenslora.model import CONFIG_FILE, AdaptedModel, adapter_generator
-from tenslora.targets import check_fingerprint, find_head_modules, find_targets, fingerprint, model_shape
+from tenslora.targets import find_head_modules, find_targets, model_shape
 
 
 class LoraModel(AdaptedModel):
@@ -72,8 +72,7 @@ class LoraModel(AdaptedModel):
         return write_dir_atomic(path, fill)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | Path, record: dict) -> "LoraModel":
-        config = TensLoRAConfig.from_dict(record["config"])
-        targets = find_targets(model, config.target_modules)
-        check_fingerprint(record["model"], fingerprint(model, model_shape(model, targets)))
+    def from_pretrained(cls, model: nn.Module, path: str | Path, config: TensLoRAConfig,
+                        tensors: dict[str, torch.Tensor]) -> "LoraModel":
+        """PEFT reads the (already checked) files of ``path`` itself."""
         return cls(model, config, load_from=path)

@@ -16,11 +16,23 @@ from tenslora.io import write_dir_atomic
 from tenslora.layer import AdaptedLinear
 from tenslora.layout import column_index, tensor_layout
 from tenslora.params import summary_line
-from tenslora.targets import check_fingerprint, find_head_modules, find_targets, fingerprint, model_shape
+from tenslora.targets import find_head_modules, find_targets, fingerprint, model_shape
 from tenslora.tensor.factorized import FACTORIZATIONS
 
 CONFIG_FILE = "tenslora_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing or unreadable file is an error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; the adapter directory is incomplete")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); save the adapter again") from None
 
 
 def adapter_generator(seed: int, name: str) -> torch.Generator:
@@ -83,12 +95,10 @@ class AdaptedModel(nn.Module):
         return write_dir_atomic(path, fill)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | Path, record: dict) -> "AdaptedModel":
-        """Rebuild on ``model`` from a saved directory whose config record is ``record``."""
-        from safetensors.torch import load_file
-        adapted = cls(model, TensLoRAConfig.from_dict(record["config"]))
-        check_fingerprint(record["model"], fingerprint(model, adapted.shape))
-        tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+    def from_pretrained(cls, model: nn.Module, path: str | Path, config: TensLoRAConfig,
+                        tensors: dict[str, torch.Tensor]) -> "AdaptedModel":
+        """Rebuild on ``model`` (already checked to fit) from the saved ``tensors`` of ``path``."""
+        adapted = cls(model, config)
         adapted.load_adapter_state(tensors)
         adapted.load_head_state(tensors)
         return adapted

@@ -198,3 +198,59 @@ def test_linear_probe_trains_only_the_head():
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
     assert trainable == {"base_model.classifier.weight", "base_model.classifier.bias"}
     assert adapted.adapter_parameters() == 0
+
+
+def model_state(model):
+    """What injection may change: the module tree and the requires_grad flags."""
+    return [(n, type(m).__name__) for n, m in model.named_modules()], {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("construction", ["att_qkv_depth", "lora"])
+def test_second_adaptation_is_refused_and_changes_nothing(construction):
+    model = tiny_bert()
+    adapted = get_adapted_model(model, TensLoRAConfig(construction, ranks=2))
+    before = model_state(model)
+    for again in (model, adapted):
+        with pytest.raises(ValueError, match="model already carries an adapter"):
+            get_adapted_model(again, TensLoRAConfig("qkv", ranks=2))
+    assert model_state(model) == before
+
+
+def test_adapter_that_does_not_fit_leaves_the_model_untouched(tmp_path):
+    """A BERT adapter on a GQA LLaMA: 'does not fit' (checked before building), model unchanged."""
+    get_adapted_model(tiny_bert(), TensLoRAConfig("att_qkv", ranks=2)).save_adapter(tmp_path / "a")
+    model = tiny_llama_gqa()
+    before = model_state(model)
+    with pytest.raises(ValueError, match="adapter does not fit this model .*model_type: adapter has 'bert'"):
+        load_adapted_model(model, tmp_path / "a")
+    assert model_state(model) == before
+
+
+@pytest.mark.parametrize("construction", ["att_qkv_depth", "lora", "none"])
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_unreadable_weights_name_the_file_and_leave_the_model_untouched(construction, damage, tmp_path):
+    get_adapted_model(tiny_bert(), TensLoRAConfig(construction, ranks=2)).save_adapter(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100] if damage == "truncated" else b"")
+    model = tiny_bert()
+    before = model_state(model)
+    with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
+        load_adapted_model(model, tmp_path / "a")
+    assert model_state(model) == before
+
+
+def test_failure_while_loading_weights_restores_the_model(tmp_path):
+    """Weights whose shapes differ from the model's fail after building: everything is put back."""
+    from safetensors.torch import load_file, save_file
+    get_adapted_model(tiny_bert(), TensLoRAConfig("qkv_depth", ranks=2)).save_adapter(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.startswith("adapters."))
+    tensors[key] = torch.zeros(1)
+    save_file(tensors, weights)
+    model = tiny_bert()
+    before = model_state(model)
+    with pytest.raises(ValueError, match="has shape"):
+        load_adapted_model(model, tmp_path / "a")
+    assert model_state(model) == before
+    get_adapted_model(model, TensLoRAConfig("qkv", ranks=2))  # and it can still be adapted
