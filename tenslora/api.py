@@ -14,7 +14,8 @@ from tenslora.config import TensLoRAConfig
 from tenslora.io import read_json
 from tenslora.layer import AdaptedLinear
 from tenslora.lora import LoraModel
-from tenslora.model import CONFIG_FILE, WEIGHTS_FILE, AdaptedModel, TensLoRAModel, read_weights
+from tenslora.model import (CONFIG_FILE, RECORD_KEY, TRAINER_WEIGHTS_FILE, WEIGHTS_FILE, AdaptedModel, TensLoRAModel,
+                            decode_record, read_weights)
 from tenslora.probe import HeadOnlyModel
 from tenslora.targets import check_fingerprint, find_targets, fingerprint, model_shape
 
@@ -58,8 +59,20 @@ def get_adapted_model(model: nn.Module, config: TensLoRAConfig) -> AdaptedModel:
 
 
 def read_adapter_record(path: str | Path) -> dict:
-    """The ``tenslora_config.json`` of a saved adapter directory."""
-    return read_json(Path(path) / CONFIG_FILE, f"{path} is not a saved adapter (no {CONFIG_FILE})")
+    """The config record of a saved adapter: its ``tenslora_config.json``, or in a directory written by
+    ``transformers.Trainer`` (``model.safetensors`` from the adapted model's ``state_dict()``), the record
+    stored inside that file."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and (path / TRAINER_WEIGHTS_FILE).is_file():
+        tensors = read_weights(path / TRAINER_WEIGHTS_FILE)
+        if RECORD_KEY not in tensors:
+            raise ValueError(f"{path / TRAINER_WEIGHTS_FILE} holds no tenslora adapter (no {RECORD_KEY!r} entry)")
+        return decode_record(tensors[RECORD_KEY])
+    return read_json(path / CONFIG_FILE, f"{path} is not a saved adapter (no {CONFIG_FILE})")
+
+
+def _weights_file(path: Path) -> Path:
+    return path / (WEIGHTS_FILE if (path / CONFIG_FILE).is_file() else TRAINER_WEIGHTS_FILE)
 
 
 def load_adapted_model(model: nn.Module, path: str | Path) -> AdaptedModel:
@@ -74,6 +87,7 @@ def load_adapted_model(model: nn.Module, path: str | Path) -> AdaptedModel:
     _refuse_adapted(model)
     config = TensLoRAConfig.from_dict(record["config"])
     check_fingerprint(record["model"], fingerprint(model, model_shape(model, find_targets(model, config.target_modules))))
-    tensors = read_weights(Path(path) / WEIGHTS_FILE)
+    tensors = read_weights(_weights_file(Path(path)))
+    tensors.pop(RECORD_KEY, None)
     with _all_or_nothing(model):
         return ADAPTED_MODELS[method].from_pretrained(model, path, config, tensors)

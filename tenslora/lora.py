@@ -39,8 +39,16 @@ class LoraModel(AdaptedModel):
         self.peft_model = peft_model
         self.base_model = model
 
-    def forward(self, *args, **kwargs):
+    def _forward(self, *args, **kwargs):
         return self.peft_model(*args, **kwargs)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """PEFT's adapter tensors (task head included, as ``modules_to_save``), keys as in its file."""
+        from peft import get_peft_model_state_dict
+        return get_peft_model_state_dict(self.peft_model)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {}  # in adapter_state: PEFT saves the head as modules_to_save
 
     def adapter_parameters(self) -> int:
         return sum(p.numel() for n, p in self.peft_model.named_parameters() if "lora_" in n)
@@ -74,5 +82,9 @@ class LoraModel(AdaptedModel):
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path, config: TensLoRAConfig,
                         tensors: dict[str, torch.Tensor]) -> "LoraModel":
-        """PEFT reads the (already checked) files of ``path`` itself."""
-        return cls(model, config, load_from=path)
+        """From PEFT's own directory (PEFT reads it), else from the (already checked) ``tensors``."""
+        if (Path(path) / "adapter_config.json").is_file():
+            return cls(model, config, load_from=path)
+        adapted = cls(model, config)
+        adapted.load_state_dict(tensors)
+        return adapted

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from tenslora.tensor.factorized import FACTORIZATIONS
 
 CONFIG_FILE = "tenslora_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+TRAINER_WEIGHTS_FILE = "model.safetensors"  # what transformers.Trainer writes from ``state_dict()``
+RECORD_KEY = "tenslora_config.json"  # in ``state_dict()``: the config record, UTF-8 JSON as uint8
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -41,11 +44,53 @@ def adapter_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def encode_record(record: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(record).encode()), dtype=torch.uint8)
+
+
+def decode_record(tensor: torch.Tensor) -> dict:
+    return json.loads(bytes(tensor.tolist()).decode())
+
+
+class _BoundForward:
+    """``adapted.forward``: calls ``adapted._forward`` and shows the base model's signature, which is
+    what ``transformers.Trainer`` inspects to keep dataset columns (``input_ids``, ``labels``...)."""
+
+    def __init__(self, owner: "AdaptedModel"):
+        self.owner = owner
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.owner.base_model.forward)
+
+    def __call__(self, *args, **kwargs):
+        return self.owner._forward(*args, **kwargs)
+
+
+def _class_forward(self, *args, labels=None, **kwargs):
+    """``AdaptedModel.forward`` read on the class (``transformers`` finds label names there)."""
+    if labels is not None:
+        kwargs["labels"] = labels
+    return self._forward(*args, **kwargs)
+
+
+class _Forward:
+    """On an instance: a :class:`_BoundForward`; on the class: :func:`_class_forward`."""
+
+    def __get__(self, owner, owner_type=None):
+        return _class_forward if owner is None else _BoundForward(owner)
+
+
 class AdaptedModel(nn.Module):
     """What TensLoRA and the PEFT LoRA baseline share: attribute delegation, task heads, saving.
 
-    Subclasses set ``base_model``, ``adapter_config``, ``shape`` and ``head_modules``.
+    Subclasses set ``base_model``, ``adapter_config``, ``shape`` and ``head_modules`` and implement
+    ``_forward``. ``state_dict()`` holds what the adapter owns (the adapter file's tensors) plus the
+    config record, so ``transformers.Trainer``'s checkpoints are small, never hold tied base
+    weights, resume through ``load_state_dict`` and load with ``load_adapted_model``.
     """
+
+    forward = _Forward()
 
     def __getattr__(self, name: str):
         try:
@@ -94,13 +139,43 @@ class AdaptedModel(nn.Module):
             (tmp / CONFIG_FILE).write_text(json.dumps(self._config_record(), indent=2))
         return write_dir_atomic(path, fill)
 
+    def save_pretrained(self, path: str | Path, **_ignored) -> Path:
+        """The adapter directory (as :meth:`save_adapter`), for code that calls ``save_pretrained``."""
+        return self.save_adapter(path)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The adapter's own tensors (keys of the adapter file) and ``RECORD_KEY``; no base weights."""
+        tensors = {**self.adapter_state(), **self.head_state()}
+        if not keep_vars:
+            tensors = {k: v.detach() for k, v in tensors.items()}
+        tensors[RECORD_KEY] = encode_record(self._config_record())
+        out = destination if destination is not None else {}
+        out.update({prefix + k: v for k, v in tensors.items()})
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load what :meth:`state_dict` returned (the record is ignored); ``strict`` as in torch."""
+        from torch.nn.modules.module import _IncompatibleKeys
+        tensors = {k: v for k, v in state_dict.items() if k != RECORD_KEY}
+        own = {k: v for k, v in self.state_dict().items() if k != RECORD_KEY}
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if strict and (missing or unexpected):
+            raise ValueError(f"adapter state does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key in set(own) & set(tensors):
+            if own[key].shape != tensors[key].shape:
+                raise ValueError(f"adapter weight {key!r} has shape {tuple(tensors[key].shape)} in the state, "
+                                 f"{tuple(own[key].shape)} in the model")
+        with torch.no_grad():
+            for key in set(own) & set(tensors):
+                own[key].copy_(tensors[key])
+        return _IncompatibleKeys(missing, unexpected)
+
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path, config: TensLoRAConfig,
                         tensors: dict[str, torch.Tensor]) -> "AdaptedModel":
         """Rebuild on ``model`` (already checked to fit) from the saved ``tensors`` of ``path``."""
         adapted = cls(model, config)
-        adapted.load_adapter_state(tensors)
-        adapted.load_head_state(tensors)
+        adapted.load_state_dict(tensors)
         return adapted
 
     def print_trainable_parameters(self) -> None:
@@ -173,7 +248,7 @@ class TensLoRAModel(AdaptedModel):
             for adapter in self.adapters.values():
                 adapter.end_pass()
 
-    def forward(self, *args, **kwargs):
+    def _forward(self, *args, **kwargs):
         with self.adapter_pass():
             return self.base_model(*args, **kwargs)
 

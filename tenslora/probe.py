@@ -26,7 +26,7 @@ class HeadOnlyModel(AdaptedModel):
             p.requires_grad_(False)
         self._train_heads(model, head_modules)
 
-    def forward(self, *args, **kwargs):
+    def _forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
 
     def adapter_parameters(self) -> int:
