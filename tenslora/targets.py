@@ -38,7 +38,8 @@ class Target:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The shapes that fix every adapter's tensor: ``d_in``, per-projection ``d_out``, heads."""
+    """The shapes that fix every adapter's tensor: ``d_in``, per-projection ``d_out``, ``head_dim``
+    (shared by all projections; grouped-query attention gives key/value fewer heads than query)."""
 
     projections: tuple[str, ...]
     layers: tuple[int, ...]
@@ -47,6 +48,7 @@ class ModelShape:
     head_dim: int
 
     def heads(self, proj_index: int) -> int:
+        """Heads of projection ``proj_index`` (query heads, or key/value heads under GQA)."""
         return self.d_out[proj_index] // self.head_dim
 
 
@@ -99,11 +101,14 @@ def model_shape(model: nn.Module, targets: Sequence[Target]) -> ModelShape:
     return ModelShape(projections, layers, d_in.pop(), tuple(d_out), _head_dim(model, d_out[0]))
 
 
-def _head_dim(model: nn.Module, d_query: int) -> int:
+def _head_dim(model: nn.Module, d_first: int) -> int:
+    """``config.head_dim`` where set, else the query width (``hidden_size``, or the first adapted
+    projection's width) over the attention heads."""
     config = getattr(model, "config", None)
     head_dim = getattr(config, "head_dim", None)
     if head_dim:
         return int(head_dim)
+    d_query = getattr(config, "hidden_size", None) or d_first
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) \
         or getattr(config, "num_heads", None)
     if not heads:

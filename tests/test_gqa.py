@@ -105,3 +105,12 @@ def test_column_index_when_heads_do_not_divide():
     assert column_index(get_construction("att_qkv"), shape, 1) == [0, 1, 4, 5]
     assert column_index(get_construction("qkv"), shape, 1) == [0, 1, 2, 3]
     assert column_index(get_construction("att"), shape, 1) is None
+
+
+def test_head_dim_from_hidden_size_when_only_key_value_are_adapted():
+    """No ``config.head_dim``: the head size is hidden / query heads, not the first adapted width / heads."""
+    model = llama()
+    model.config.head_dim = None
+    adapted = get_adapted_model(model, TensLoRAConfig("att_qkv", ranks=2, target_modules=("k_proj", "v_proj")))
+    assert adapted.shape.head_dim == 8 and adapted.shape.d_out == (16, 16)
+    assert adapted.adapters["layer_0"].tensor.shape == (32, 8, 2, 2)
