@@ -25,7 +25,8 @@ from tenslora.targets import ModelShape
 
 @dataclass
 class StepBench:
-    """Model shape and workload: RoBERTa-base by default (12 layers, hidden 768, 12 heads)."""
+    """Model shape and workload: RoBERTa-base by default (12 layers, hidden 768, 12 heads);
+    ``kv_heads > 0``: a LLaMA decoder with grouped-query attention (``kv_heads`` key/value heads)."""
 
     layers: int = 12
     hidden: int = 768
@@ -37,34 +38,49 @@ class StepBench:
     threads: int = 0
     device: str = "cpu"
     rank: int = 8
+    kv_heads: int = 0
+
+    def shape(self) -> ModelShape:
+        head_dim = self.hidden // self.heads
+        kv = (self.kv_heads or self.heads) * head_dim
+        return ModelShape(("query", "key", "value"), tuple(range(self.layers)), self.hidden, (self.hidden, kv, kv),
+                          head_dim)
 
 
 def typical_ranks(construction: str, factorization: str, bench: StepBench) -> int | tuple[int, ...]:
     """Rank ``bench.rank`` on every mode, capped by the small modes (heads, qkv, layers)."""
     if factorization == "cp":
         return bench.rank
-    shape = ModelShape(("query", "key", "value"), tuple(range(bench.layers)), bench.hidden, (bench.hidden,) * 3,
-                       bench.hidden // bench.heads)
-    return tuple(capped_ranks(bench.rank, mode_sizes(CONSTRUCTIONS[construction], shape)).values())
+    return tuple(capped_ranks(bench.rank, mode_sizes(CONSTRUCTIONS[construction], bench.shape())).values())
 
 
 def default_methods() -> list[str]:
     return ["base", "lora"] + [f"{c}:{f}" for c in CONSTRUCTIONS for f in ("tucker", "cp")]
 
 
-def _build(method: str, bench: StepBench):
-    from transformers import RobertaConfig, RobertaForSequenceClassification
+def _model(bench: StepBench):
+    """RoBERTa (``kv_heads == 0``) or a LLaMA with grouped-query attention, random weights."""
+    import transformers as tf
+    common = dict(hidden_size=bench.hidden, num_hidden_layers=bench.layers, num_attention_heads=bench.heads,
+                  num_labels=2)
+    if bench.kv_heads:
+        config = tf.LlamaConfig(num_key_value_heads=bench.kv_heads, intermediate_size=8 * bench.hidden // 3,
+                                pad_token_id=0, **common)
+        return tf.LlamaForSequenceClassification(config)
+    return tf.RobertaForSequenceClassification(tf.RobertaConfig(intermediate_size=4 * bench.hidden, **common))
 
+
+def _build(method: str, bench: StepBench):
     from tenslora.api import get_adapted_model
     from tenslora.config import TensLoRAConfig
-    config = RobertaConfig(hidden_size=bench.hidden, num_hidden_layers=bench.layers, num_attention_heads=bench.heads,
-                           intermediate_size=4 * bench.hidden, num_labels=2)
-    model = RobertaForSequenceClassification(config).to(bench.device)
+    from tenslora.targets import find_head_modules
+    model = _model(bench).to(bench.device)
     if method == "base":  # no adapter: frozen body, gradients still flow through every activation
         for p in model.parameters():
             p.requires_grad_(False)
-        model.classifier.requires_grad_(True)
-        model.roberta.embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_())
+        for path in find_head_modules(model):
+            model.get_submodule(path).requires_grad_(True)
+        model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
         return model, 0
     construction, _, factorization = method.partition(":")
     factorization = factorization or "tucker"

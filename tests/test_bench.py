@@ -27,3 +27,23 @@ def test_unknown_bench_method_is_a_usage_error():
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: unknown benchmark method 'qkv_depth:tt'; allowed: base, lora, "
                                    "CONSTRUCTION:tucker or CONSTRUCTION:cp")
+
+
+def test_gqa_shape_builds_a_llama_with_exact_counts():
+    """``kv_heads``: a LLaMA with grouped-query attention; stacked constructions work on it."""
+    import torch
+
+    from tenslora import TensLoRAConfig, predict_adapter_parameters
+    from tenslora.bench import StepBench, _batch, _build, typical_ranks
+    bench = StepBench(layers=2, hidden=32, heads=4, kv_heads=2, batch=2, seq=4, rank=8)
+    assert bench.shape().d_out == (32, 16, 16)
+    assert typical_ranks("att_qkv_depth", "tucker", bench) == (8, 8, 4, 3, 2)
+    model, count = _build("att_qkv_depth:tucker", bench)
+    assert type(model.base_model).__name__ == "LlamaForSequenceClassification"
+    config = TensLoRAConfig("att_qkv_depth", ranks=typical_ranks("att_qkv_depth", "tucker", bench))
+    assert count == predict_adapter_parameters(config, model.shape) > 0
+    ids, labels = _batch(bench)
+    model(input_ids=ids, labels=labels).loss.backward()
+    base, _ = _build("base", bench)
+    assert {n for n, p in base.named_parameters() if p.requires_grad} == {"score.weight"}
+    assert torch.isfinite(base(input_ids=ids, labels=labels).loss)

@@ -13,6 +13,8 @@ def step_time(
     layers: int = typer.Option(12, help="Transformer layers."),
     hidden: int = typer.Option(768, help="Hidden size."),
     heads: int = typer.Option(12, help="Attention heads."),
+    kv_heads: int = typer.Option(0, help="Key/value heads: > 0 benchmarks a LLaMA decoder with grouped-query "
+                                         "attention (e.g. --layers 30 --hidden 576 --heads 9 --kv-heads 3: SmolLM2-135M)."),
     batch: int = typer.Option(8, help="Sequences per batch."),
     seq: int = typer.Option(128, help="Tokens per sequence."),
     steps: int = typer.Option(10, help="Timed rounds; each configuration takes one step per round (median reported)."),
@@ -28,7 +30,7 @@ def step_time(
     from rich.table import Table
 
     from tenslora.bench import StepBench, default_methods, run_all
-    bench = StepBench(layers, hidden, heads, batch, seq, steps, warmup, threads, device, rank)
+    bench = StepBench(layers, hidden, heads, batch, seq, steps, warmup, threads, device, rank, kv_heads)
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or default_methods()
     if "lora" not in chosen:
         chosen = ["lora", *chosen]
@@ -39,7 +41,8 @@ def step_time(
     if as_json:
         print(json.dumps({"bench": bench.__dict__, "rows": rows}, indent=2))
         return
-    table = Table(title=f"train step, {layers} layers x {hidden} hidden x {heads} heads, batch {batch}x{seq}, {device}")
+    kind = f"LLaMA, {heads} query / {kv_heads} kv heads" if kv_heads else f"RoBERTa, {heads} heads"
+    table = Table(title=f"train step, {layers} layers x {hidden} hidden ({kind}), batch {batch}x{seq}, {device}")
     for col in ("method", "median s/step", "x LoRA time", "peak MB", "x LoRA memory", "adapter params"):
         table.add_column(col, justify="right" if col != "method" else "left", no_wrap=True)
     for r in rows:
