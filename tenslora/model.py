@@ -105,12 +105,6 @@ class AdaptedModel(nn.Module):
         return {f"head.{path}.{k}": v for path in self.head_modules
                 for k, v in model.get_submodule(path).state_dict().items()}
 
-    def load_head_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        for path in self.head_modules:
-            prefix = f"head.{path}."
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            _load_checked(self.base_model.get_submodule(path), state, f"head {path}")
-
     def adapter_parameters(self) -> int:
         """Trainable adapter parameters (task head excluded)."""
         raise NotImplementedError
@@ -123,9 +117,6 @@ class AdaptedModel(nn.Module):
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Adapter tensors to save, keyed ``adapters.<tensor>.<param>`` (head excluded)."""
-        raise NotImplementedError
-
-    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
     def save_adapter(self, path: str | Path) -> Path:
@@ -298,21 +289,3 @@ class TensLoRAModel(AdaptedModel):
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {f"adapters.{k}": v for k, v in self.adapters.state_dict().items()}
-
-    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        prefix = "adapters."
-        _load_checked(self.adapters, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                      "adapter")
-
-
-def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Load ``state`` into ``module`` exactly: every key present, every shape equal."""
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{what} weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, value in state.items():
-        if own[key].shape != value.shape:
-            raise ValueError(f"{what} weight {key!r} has shape {tuple(value.shape)} in the file, "
-                             f"{tuple(own[key].shape)} in the model")
-    module.load_state_dict(state)

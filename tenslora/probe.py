@@ -35,9 +35,6 @@ class HeadOnlyModel(AdaptedModel):
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        return None
-
     def merge(self) -> None:
         return None
 
