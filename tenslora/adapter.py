@@ -59,6 +59,10 @@ class TensorAdapter(nn.Module):
         self._pass_id = 0
         self._open = False
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the cache behind (it may hold non-leaf tensors of a graph)."""
+        return {**self.__dict__, "_cache": None}
+
     def _key(self) -> tuple:
         return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.tensor.parameters())
 

@@ -131,3 +131,15 @@ def test_generate_builds_slices_once_and_matches_merged(construction, monkeypatc
     assert torch.equal(direct, out)
     merged = adapted.merge_and_unload()
     assert torch.equal(merged.generate(input_ids=ids, max_new_tokens=6, do_sample=False, min_new_tokens=6), out)
+
+
+def test_deepcopy_after_a_training_forward():
+    import copy
+    adapted = adapted_model("llama", "att_qkv_depth", "tucker")
+    ids, labels = batch()
+    loss = adapted(input_ids=ids, labels=labels).loss
+    twin = copy.deepcopy(adapted)  # the cached slices are non-leaf tensors: they stay behind
+    loss.backward()
+    twin.eval(), adapted.eval()
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=ids).logits, adapted(input_ids=ids).logits)
