@@ -72,6 +72,24 @@ def test_gqa_forward_equals_reconstruction(construction, factorization, head_dim
     assert predict_adapter_parameters(adapted.adapter_config, adapted.shape) == adapted.adapter_parameters()
 
 
+@pytest.mark.parametrize("construction,factorization", PAIRS)
+def test_gqa_gradients_equal_reconstruction(construction, factorization):
+    adapted = randomized(construction, factorization, head_dim=16)
+    scaling = adapted.adapter_config.scaling
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    params = list(adapted.adapters.parameters())
+    weights = {(l, p): torch.randn(4, adapted.layer(l, p).base_layer.out_features) for l in (0, 1) for p in PROJS}
+    with adapted.adapter_pass():
+        fast = sum((adapted.layer(l, p)(x) * w).sum() for (l, p), w in weights.items())
+    fast_grads = torch.autograd.grad(fast, params)
+    slow = sum(((adapted.layer(l, p).base_layer(x) + scaling * x @ dense_update(adapted, construction, l, p)) * w).sum()
+               for (l, p), w in weights.items())
+    slow_grads = torch.autograd.grad(slow, params)
+    assert torch.allclose(fast, slow, rtol=1e-5)
+    for gf, gs in zip(fast_grads, slow_grads):
+        assert (gf - gs).abs().max() <= 1e-5 * gs.abs().max()
+
+
 @pytest.mark.parametrize("head_dim", [None, 16])
 @pytest.mark.parametrize("construction,factorization", PAIRS)
 def test_gqa_merge_unmerge_and_save_load(construction, factorization, head_dim, tmp_path):

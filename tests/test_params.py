@@ -22,8 +22,12 @@ def test_prediction_equals_real_count(construction, factorization):
     assert adapted.adapter_parameters() == trainable - head
 
 
-def test_prediction_for_grouped_query_attention():
-    adapted = get_adapted_model(tiny_llama_gqa(), TensLoRAConfig("att_depth", ranks=(3, 2, 2, 2)))
+@pytest.mark.parametrize("construction,factorization",
+                         [(c, f) for c in CONSTRUCTIONS for f in ("tucker", "cp")] + [("lora", "tucker")])
+def test_prediction_for_grouped_query_attention(construction, factorization):
+    n_modes = 2 if construction == "lora" else len(CONSTRUCTIONS[construction].mode_names)
+    ranks = 3 if factorization == "cp" or construction == "lora" else tuple([4, 3, 2, 3, 2][:n_modes])
+    adapted = get_adapted_model(tiny_llama_gqa(), TensLoRAConfig(construction, factorization, ranks=ranks))
     assert predict_adapter_parameters(adapted.adapter_config, adapted.shape) == adapted.adapter_parameters()
 
 
