@@ -12,7 +12,7 @@ through the local scheduler (resumable), and writes ``docs/results.md`` from the
 * B — heterogeneous learning rate: core lambda in {1, 4, 8, 16} and the uniform-lr controls (lambda 1,
   whole-adapter lr x m); LoRA+ ratios for PEFT LoRA.
 * C — rank allocation: uniform vs the allocator's choice vs its reverse, at two budgets. The allocation
-  needs a probe run (:func:`tenslora.plus.allocate.allocate`, the rule behind ``--ranks auto``); it runs
+  needs a probe run (:func:`tenslora.train.probe.allocate`, the rule behind ``--ranks auto``); it runs
   once per task (seed 0) before the sweep and its ranks are written into the sweep as explicit ranks.
 
 Jobs that several experiments share (A's matched Tucker run is B's lambda = 1 and, when the ranks agree,
@@ -62,10 +62,10 @@ def model_shape_for(model: str):
     """The adapted-projection shape of ``model`` (a short name, hub id or local directory)."""
     if model in KNOWN_SHAPES:
         return make_shape(*KNOWN_SHAPES[model])
-    from tenslora.plus.allocate import _shape_from_config
+    from tenslora.train.probe import shape_from_config
     from tenslora.train.modeling import load_model_config, resolve_model_name
 
-    shape = _shape_from_config(load_model_config(resolve_model_name(model)))
+    shape = shape_from_config(load_model_config(resolve_model_name(model)))
     if shape is None:
         raise ValueError(f"cannot tell the Q/K/V shape of {model!r}; add it to tenslora.repro.KNOWN_SHAPES")
     return shape
@@ -371,7 +371,8 @@ def dump_sweep_yaml(spec_dict: dict, header: str = "") -> str:
 def run_allocation(config: dict, scale: str, task: dict, out_dir: Path, shape) -> dict:
     """Probe once (seed 0) and choose ranks for every budget of C, forward and reverse; cached in
     ``out_dir/allocation.json`` (a finished probe is never rerun)."""
-    from tenslora.plus.allocate import allocate, allocate_from_metrics
+    from tenslora.plus.allocate import allocate_from_metrics
+    from tenslora.train.probe import allocate
 
     path = out_dir / "allocation.json"
     c_cfg = config["experiments"]["C"]
