@@ -43,14 +43,19 @@ class Defaults:
     datasets: dict  # the seed's dataset names -> tenslora task names (others unchanged)
 
 
-def run(command) -> None:
-    """Run a seed script's Typer ``command`` (extra options pass through to ``tenslora train``) on the
-    ``tenslora`` package next to this directory, from any cwd, installed or not."""
+def make_app(command):
+    """A Typer app of one seed script's ``command``; extra options pass through to ``tenslora train``."""
     import typer
-    use_checkout(REPO_ROOT)
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
-    app()
+    return app
+
+
+def run(command) -> None:
+    """Run a seed script's ``command`` on the ``tenslora`` package next to this directory, from any cwd,
+    installed or not."""
+    use_checkout(REPO_ROOT)
+    make_app(command)()
 
 
 def use_checkout(root: Path) -> None:
