@@ -95,6 +95,18 @@ def test_no_import_cycle_between_subpackages_and_modules():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# The README's flow, top layers: each may import the ones before it (and the core), never one after it.
+LAYERS = ("tenslora.plus", "tenslora.train", "tenslora.sweep", "tenslora.repro", "tenslora.cli")
+
+
+def test_imports_follow_the_layers():
+    graph = unit_graph(modules())
+    rank = {u: LAYERS.index(u) if u in LAYERS else -1 for u in graph}  # -1: the core modules
+    rank.update({"tenslora": len(LAYERS), "tenslora.__main__": len(LAYERS)})  # the package's front doors
+    upward = sorted(f"{u} -> {t}" for u, targets in graph.items() for t in targets if rank[t] > rank[u])
+    assert not upward
+
+
 def test_plus_never_imports_train():
     offenders = {name: sorted(t for t in imported_names(path) if unit(t) == "tenslora.train")
                  for name, path in modules().items() if unit(name) == "tenslora.plus"}
