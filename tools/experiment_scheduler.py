@@ -32,6 +32,8 @@ def main() -> None:
     if (REPO_ROOT / "tenslora" / "__init__.py").is_file() and str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))  # this checkout's tenslora, from any cwd
     from tenslora.cli import main as tenslora_main
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)  # then tenslora sweep run's own help
     sys.argv = ["tenslora", *sweep_argv(sys.argv[1:])]
     tenslora_main()
 
