@@ -77,11 +77,12 @@ def _load_adapter(model, path: Path, adapter: str):
     from safetensors import SafetensorError
 
     from tenslora.api import load_adapted_model
+    from tenslora.model import WEIGHTS_FILE
     try:
         return load_adapted_model(model, path)
     except SafetensorError as exc:
         other = "final" if adapter == "best" else "best"
-        raise ValueError(f"{path} holds a damaged adapter ({exc}); use --adapter {other}, or train the run "
+        raise ValueError(f"{path / WEIGHTS_FILE} is damaged ({exc}); use --adapter {other}, or train the run "
                          "again with --overwrite") from None
 
 
