@@ -93,6 +93,7 @@ class Session:
     parameter_counts: dict = field(default_factory=dict)
     writer: object = None  # TensorBoard, main process only
     last_validation: dict = field(default_factory=dict)
+    _params: list | None = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -100,7 +101,10 @@ class Session:
 
     @property
     def params(self) -> list:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        """The trainable parameters of the prepared model (what clipping sees)."""
+        if self._params is None:
+            self._params = [p for p in self.model.parameters() if p.requires_grad]
+        return self._params
 
 
 def set_up(cfg: TrainConfig, callbacks) -> Session | dict:
