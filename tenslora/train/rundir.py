@@ -74,15 +74,20 @@ def plan(cfg) -> Plan:
     return Plan(out, "fresh", replace=present)
 
 
+ASIDE = ".replaced."
+
+
 def remove_outputs(run: Plan) -> None:
-    """Move the old run's outputs aside, then delete them (never other files in the directory)."""
+    """Move the old run's outputs aside, then delete them (never other files in the directory; an
+    aside folder left by a removal that was killed midway goes too)."""
     if not run.replace:
         return
-    aside = run.out / f".replaced.{os.getpid()}"
+    aside = run.out / f"{ASIDE}{os.getpid()}"
     aside.mkdir(exist_ok=True)
     for name in run.replace:
         os.replace(run.out / name, aside / name)
-    shutil.rmtree(aside)
+    for old in run.out.glob(f"{ASIDE}*"):
+        shutil.rmtree(old)
 
 
 def _check_same_run(out: Path, state: dict, cfg) -> None:
