@@ -1,6 +1,5 @@
 """Nothing a user made is lost: a used --output-dir is refused, resumed or replaced only when asked, and
 only after every input was checked; broken or unwritable files give one line (exit 2), no traceback."""
-import dataclasses
 import hashlib
 import json
 import os
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train_utils import (QUICK, fails_cleanly, run_cli, sentences, text_model, write_csv,  # noqa: F401
+from test_train_utils import (fails_cleanly, run_cli, sentences, text_model, write_csv,  # noqa: F401
                               write_jsonl)
 from tenslora.train.config import TrainConfig
 

@@ -77,6 +77,7 @@ class Session:
     run: Run
     model: torch.nn.Module
     unwrapped: torch.nn.Module
+    params: list  # the trainable parameters of ``model`` (what clipping sees)
     optimizer: torch.optim.Optimizer
     scheduler: object
     train_loader: object
@@ -93,18 +94,10 @@ class Session:
     parameter_counts: dict = field(default_factory=dict)
     writer: object = None  # TensorBoard, main process only
     last_validation: dict = field(default_factory=dict)
-    _params: list | None = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
-
-    @property
-    def params(self) -> list:
-        """The trainable parameters of the prepared model (what clipping sees)."""
-        if self._params is None:
-            self._params = [p for p in self.model.parameters() if p.requires_grad]
-        return self._params
 
 
 def set_up(cfg: TrainConfig, callbacks) -> Session | dict:
@@ -173,10 +166,12 @@ def _prepare(cfg: TrainConfig, accelerator, out: Path, run: Run, callbacks: list
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     eval_every = cfg.eval_every or max(1, math.ceil(total_steps / 5))
-    return Session(cfg, accelerator, out, run, model, accelerator.unwrap_model(model), optimizer, scheduler,
-                   train_loader, {"validation": val_loader, "test": test_loader}, sampler, select, total_steps,
-                   eval_every, cfg.checkpoint_every or eval_every, callbacks, Progress(), resumed=False,
-                   parameter_counts=counts)
+    return Session(cfg=cfg, accelerator=accelerator, out=out, run=run, model=model,
+                   unwrapped=accelerator.unwrap_model(model), params=[p for p in model.parameters() if p.requires_grad],
+                   optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+                   eval_loaders={"validation": val_loader, "test": test_loader}, sampler=sampler, select=select,
+                   total_steps=total_steps, eval_every=eval_every, checkpoint_every=cfg.checkpoint_every or eval_every,
+                   callbacks=callbacks, progress=Progress(), resumed=False, parameter_counts=counts)
 
 
 def _restore(s: Session) -> None:
