@@ -109,7 +109,14 @@ def test_resume_guard_does_not_need_config_json(tmp_path, capsys, data, text_mod
     fails_cleanly(capsys, ["train", "--task", data, "--model", text_model, "--output-dir", run, "--max-steps", "4",
                            "--batch-size", "8", "--eval-batch-size", "16", "--resume", "--lr", "0.01"],
                   "lr (was 0.003, now 0.01)")
-    assert (run / "checkpoint" / "state.json").is_file()
+    state = run / "checkpoint" / "state.json"
+    record = json.loads(state.read_text())
+    assert record["train"]["lr"] == 0.003
+    del record["train"]  # a checkpoint that does not know its options is not resumed blindly
+    state.write_text(json.dumps(record))
+    fails_cleanly(capsys, ["train", "--task", data, "--model", text_model, "--output-dir", run, "--max-steps", "4",
+                           "--batch-size", "8", "--eval-batch-size", "16", "--resume"],
+                  f"{state} does not record the run's options")
 
 
 # item 3: broken and unwritable files --------------------------------------------------------------

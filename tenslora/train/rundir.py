@@ -35,17 +35,14 @@ RESUME_MAY_CHANGE = {"resume", "overwrite", "progress", "output_dir", "run_name"
 @dataclass
 class Plan:
     """``action``: ``fresh`` | ``resume`` | ``done``. ``summary``: the finished run's (``done``);
-    ``state``: the checkpoint's ``state.json`` (``resume``); ``replace``: old outputs to remove (``fresh``)."""
+    ``saved``: the options the checkpoint was written with (``resume``); ``replace``: old outputs to
+    remove (``fresh``)."""
 
     out: Path
     action: str
     summary: dict | None = None
-    state: dict | None = None
+    saved: dict = field(default_factory=dict)
     replace: list[str] = field(default_factory=list)
-
-    def saved_options(self) -> dict:
-        """The train options the checkpoint was written with (``{}`` when not resuming)."""
-        return (self.state or {}).get("train", {})
 
 
 def plan(cfg) -> Plan:
@@ -64,9 +61,9 @@ def plan(cfg) -> Plan:
                          "it as is, or choose another --output-dir")
     if interrupted and cfg.resume:
         _check_writable(out, present)
-        state = ckpt.read_state(out)
-        _check_same_run(out, state, cfg)
-        return Plan(out, "resume", state=state)
+        saved = saved_options(out)
+        _check_same_run(out, saved, cfg)
+        return Plan(out, "resume", saved=saved)
     if interrupted and not cfg.overwrite:
         raise UsageError(f"{out} holds an interrupted run ({ckpt.CHECKPOINT_DIR}/); add --resume to continue it or "
                          "--overwrite to start over")
@@ -90,12 +87,20 @@ def remove_outputs(run: Plan) -> None:
         shutil.rmtree(old)
 
 
-def _check_same_run(out: Path, state: dict, cfg) -> None:
-    """Resuming with other options would not continue the same run: refuse, naming the options."""
-    saved = state.get("train")
+def saved_options(out: Path) -> dict:
+    """The train options of the run's checkpoint (``state.json``'s ``train``; for a checkpoint written
+    before it held them, ``config.json``'s)."""
+    saved = ckpt.read_state(out).get("train")
+    if saved is None and (out / CONFIG).is_file():
+        saved = read_json(out / CONFIG, "").get("train")
     if saved is None:
-        raise UsageError(f"{out / ckpt.CHECKPOINT_DIR / ckpt.STATE_FILE} does not record the run's options "
-                         "(an older checkpoint); start the run again with --overwrite")
+        raise UsageError(f"{out / ckpt.CHECKPOINT_DIR / ckpt.STATE_FILE} does not record the run's options; "
+                         "start the run again with --overwrite")
+    return saved
+
+
+def _check_same_run(out: Path, saved: dict, cfg) -> None:
+    """Resuming with other options would not continue the same run: refuse, naming the options."""
     now = cfg.to_dict()
     if str(now.get("ranks")).strip().lower() == "auto":
         now["ranks"] = saved.get("ranks")  # resolved when the run began

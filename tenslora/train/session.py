@@ -132,7 +132,7 @@ def resolve_ranks(cfg: TrainConfig, plan: rundir.Plan) -> TrainConfig:
     this run's directory, so it replaces its own earlier probe)."""
     if str(cfg.ranks).strip().lower() != "auto":
         return cfg
-    ranks = plan.saved_options().get("ranks") or \
+    ranks = plan.saved.get("ranks") or \
         resolve_auto_ranks(dataclasses.replace(cfg, output_dir=str(plan.out), resume=False, overwrite=True))
     return dataclasses.replace(cfg, ranks=ranks)
 
