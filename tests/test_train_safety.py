@@ -217,6 +217,9 @@ def test_damaged_checkpoint_on_resume(tmp_path, capsys, data, text_model):  # no
     good = state.read_text()
     state.write_text(good[: len(good) // 2])
     fails_cleanly(capsys, args, f"{state} is not valid JSON")
+    state.unlink()
+    fails_cleanly(capsys, args, f"{state} does not exist")
+    fails_cleanly(capsys, [a for a in args if a != "--resume"], "holds an interrupted run")  # still protected
     state.write_text(good)
     weights = run / "checkpoint" / "trainable.pt"
     raw = weights.read_bytes()

@@ -54,14 +54,15 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, scheduler, scaler, rng_s
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return (Path(run_dir) / CHECKPOINT_DIR / STATE_FILE).is_file()
+    """A ``checkpoint/`` folder (only ever renamed into place whole; a damaged one still counts)."""
+    return (Path(run_dir) / CHECKPOINT_DIR).is_dir()
 
 
 def read_state(run_dir: Path) -> dict:
     """``state.json`` of the run's checkpoint; a malformed one is a ValueError naming the file."""
     path = Path(run_dir) / CHECKPOINT_DIR / STATE_FILE
     try:
-        state = read_json(path, f"{path} does not exist")
+        state = read_json(path, f"{path} does not exist; {DAMAGED_HINT}")
     except ValueError as exc:
         raise ValueError(f"{exc}; {DAMAGED_HINT}") from None
     missing = [k for k in ("step", "epoch", "batch_in_epoch", "best", "history", "elapsed_s")
