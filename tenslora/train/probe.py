@@ -62,6 +62,7 @@ def run_probe(train_cfg, probe_steps: int, probe_rank: int, output_dir: Path,
     # ranks: one value for all modes; the capping by the mode sizes happens via the rank string below
     cfg = dataclasses.replace(train_cfg, ranks=str(probe_rank), budget=None, max_steps=probe_steps,
                               output_dir=str(output_dir), run_name=None, monitor_every=0, resume=False,
+                              overwrite=True,  # the probe directory is this tool's scratch space
                               checkpoint_every=0, eval_every=probe_steps)
     cfg = _cap_probe_ranks(cfg, probe_rank)
     summary = train(cfg, callbacks=[capture])

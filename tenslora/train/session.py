@@ -133,7 +133,7 @@ def resolve_ranks(cfg: TrainConfig, plan: rundir.Plan) -> TrainConfig:
     if str(cfg.ranks).strip().lower() != "auto":
         return cfg
     ranks = plan.saved.get("ranks") or \
-        resolve_auto_ranks(dataclasses.replace(cfg, output_dir=str(plan.out), resume=False, overwrite=True))
+        resolve_auto_ranks(dataclasses.replace(cfg, output_dir=str(plan.out), resume=False))
     return dataclasses.replace(cfg, ranks=ranks)
 
 
