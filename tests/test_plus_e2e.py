@@ -46,6 +46,11 @@ def test_allocate_cli_and_ranks_auto(tmp_path, capsys, text_model, monkeypatch):
     assert record["predicted_parameters"] <= record["budget"] and record["probe"]["steps"] == 3
     assert set(record["ranks"]) == {"input", "output", "qkv", "layers"}
     assert stdout.strip().splitlines()[-1] == f"ranks: {record['reverse_allocation']['ranks_string']}"
+    # allocating again into the same directory replaces the probe (the tool's own scratch), not refused
+    code, _, err = tu.run_cli(["allocate", "--task", data, "--model", text_model, "--budget", "lora:1",
+                               "--construction", "qkv_depth", "--probe-steps", "3", "--probe-rank", "4",
+                               "--output-dir", out, "--batch-size", "8", "--no-progress"], capsys)
+    assert code == 0, err
 
     code, _, err = tu.run_cli(["allocate", "--task", data, "--model", text_model, "--budget", "10",
                                "--construction", "qkv_depth", "--probe-steps", "3", "--output-dir", tmp_path / "x",

@@ -5,8 +5,15 @@ import math
 
 import pytest
 
-from tenslora import repro
-from tenslora.repro import HELD, INCONCLUSIVE, NOT_HELD, Stat
+from tenslora.repro.collect import collect
+from tenslora.repro.match import imbalance, lora_count, match_ranks
+from tenslora.repro.plan import generate, job_roles, plan_task, sweep_dict
+from tenslora.repro.report import EXP_TITLES, write_report
+from tenslora.repro.run import run
+from tenslora.repro.spec import (EXPERIMENTS, INDEX_FILE, REPO_ROOT, load_config, make_shape, model_shape_for,
+                                 scale_tasks)
+from tenslora.repro.verdicts import (CLAIMS, HELD, INCONCLUSIVE, NOT_HELD, Stat, claim_verdicts, combine_all, compare,
+                                     pooled_std)
 
 
 # -- rank matching -----------------------------------------------------------------------------------
@@ -15,12 +22,12 @@ def test_match_ranks_counts_are_exact_and_close():
     from tenslora.constructions import CONSTRUCTIONS
     from tenslora.params import predict_adapter_parameters
 
-    shape = repro.make_shape(384, 12, 6)  # MiniLM
-    target = repro.lora_count(shape, 2)
+    shape = make_shape(384, 12, 6)  # MiniLM
+    target = lora_count(shape, 2)
     assert target == 2 * (384 + 384) * 3 * 6 == 27648
     for c in CONSTRUCTIONS:
         for f in ("tucker", "cp"):
-            m = repro.match_ranks(c, f, shape, target)
+            m = match_ranks(c, f, shape, target)
             ranks = m.ranks if f == "tucker" else m.ranks[0]
             assert predict_adapter_parameters(TensLoRAConfig(construction=c, factorization=f, ranks=ranks),
                                               shape) == m.parameters
@@ -32,30 +39,30 @@ def test_match_ranks_counts_are_exact_and_close():
 
 
 def test_match_ranks_prefers_balanced_and_known_values():
-    shape = repro.make_shape(768, 12, 12)  # RoBERTa-base / ViT-base
-    m = repro.match_ranks("qkv_depth", "tucker", shape, repro.lora_count(shape, 2))
+    shape = make_shape(768, 12, 12)  # RoBERTa-base / ViT-base
+    m = match_ranks("qkv_depth", "tucker", shape, lora_count(shape, 2))
     assert m.ranks == (38, 38, 3, 12)  # input = output, the small modes at full size
-    m = repro.match_ranks("att_qkv_depth", "tucker", shape, repro.lora_count(shape, 2))
+    m = match_ranks("att_qkv_depth", "tucker", shape, lora_count(shape, 2))
     assert m.ranks == (15, 15, 12, 3, 12) and abs(m.ratio - 1) < 0.02
-    m = repro.match_ranks("att_qkv_depth", "tucker", shape, repro.lora_count(shape, 1), at_most=True)
-    assert m.parameters <= repro.lora_count(shape, 1)
+    m = match_ranks("att_qkv_depth", "tucker", shape, lora_count(shape, 1), at_most=True)
+    assert m.parameters <= lora_count(shape, 1)
     # the imbalance measure: 0 on the capped-uniform family, larger when one mode dominates
-    assert repro.imbalance((8, 8, 8, 3, 8), (768, 64, 12, 3, 12)) == 0
-    assert repro.imbalance((2, 32, 12), (384, 32, 12)) > repro.imbalance((3, 6, 6), (384, 32, 12))
-    assert math.isclose(repro.imbalance((3, 6, 6), (384, 32, 12)), math.log(2) / 2)
+    assert imbalance((8, 8, 8, 3, 8), (768, 64, 12, 3, 12)) == 0
+    assert imbalance((2, 32, 12), (384, 32, 12)) > imbalance((3, 6, 6), (384, 32, 12))
+    assert math.isclose(imbalance((3, 6, 6), (384, 32, 12)), math.log(2) / 2)
 
 
 # -- verdicts ----------------------------------------------------------------------------------------
 def test_compare_uses_pooled_std():
-    assert repro.pooled_std(Stat(0.5, 0.03, 3), Stat(0.4, 0.04, 3)) == pytest.approx(math.sqrt(0.00125))
-    assert repro.compare(Stat(0.60, 0.01, 3), Stat(0.50, 0.01, 3))[0] == HELD
-    assert repro.compare(Stat(0.50, 0.01, 3), Stat(0.60, 0.01, 3))[0] == NOT_HELD
-    assert repro.compare(Stat(0.51, 0.05, 3), Stat(0.50, 0.05, 3))[0] == INCONCLUSIVE
-    assert repro.compare(Stat(0.9, None, 1), Stat(0.1, None, 1))[0] == INCONCLUSIVE  # one seed: no std
-    assert repro.compare(None, Stat(0.1, 0.01, 3))[0] == INCONCLUSIVE
-    assert repro.combine_all([HELD, HELD]) == HELD
-    assert repro.combine_all([HELD, INCONCLUSIVE]) == INCONCLUSIVE
-    assert repro.combine_all([HELD, NOT_HELD, INCONCLUSIVE]) == NOT_HELD
+    assert pooled_std(Stat(0.5, 0.03, 3), Stat(0.4, 0.04, 3)) == pytest.approx(math.sqrt(0.00125))
+    assert compare(Stat(0.60, 0.01, 3), Stat(0.50, 0.01, 3))[0] == HELD
+    assert compare(Stat(0.50, 0.01, 3), Stat(0.60, 0.01, 3))[0] == NOT_HELD
+    assert compare(Stat(0.51, 0.05, 3), Stat(0.50, 0.05, 3))[0] == INCONCLUSIVE
+    assert compare(Stat(0.9, None, 1), Stat(0.1, None, 1))[0] == INCONCLUSIVE  # one seed: no std
+    assert compare(None, Stat(0.1, 0.01, 3))[0] == INCONCLUSIVE
+    assert combine_all([HELD, HELD]) == HELD
+    assert combine_all([HELD, INCONCLUSIVE]) == INCONCLUSIVE
+    assert combine_all([HELD, NOT_HELD, INCONCLUSIVE]) == NOT_HELD
 
 
 def _s(mean, std=0.01):
@@ -74,31 +81,31 @@ def test_claim_verdicts_on_known_numbers():
         "C:auto:lora:1": _s(0.70), "C:uniform:lora:1": _s(0.65), "C:reverse:lora:1": _s(0.60),
         "C:auto:lora:2": _s(0.72), "C:uniform:lora:2": _s(0.70), "C:reverse:lora:2": _s(0.69),
     }
-    v = repro.claim_verdicts(stats)
+    v = claim_verdicts(stats)
     assert v[1][0] == HELD and "qkv_depth/tucker 0.7500" in v[1][1]
     # att is lowest among Tucker, but with CP att beats qkv_depth by 0.01 = pooled std -> did not hold
     assert v[2][0] == NOT_HELD
     stats2 = {k: s for k, s in stats.items() if not k.endswith("/cp")}
-    assert repro.claim_verdicts(stats2)[2][0] == HELD
+    assert claim_verdicts(stats2)[2][0] == HELD
     assert v[3][0] == INCONCLUSIVE and "best control (lr x16)" in v[3][1]
     stats3 = {**stats, "B:lambda:qkv_depth:16": _s(0.80)}
-    assert repro.claim_verdicts(stats3)[3][0] == HELD
+    assert claim_verdicts(stats3)[3][0] == HELD
     stats4 = {**stats, "B:lambda:qkv_depth:16": _s(0.65)}
-    assert repro.claim_verdicts(stats4)[3][0] == NOT_HELD
+    assert claim_verdicts(stats4)[3][0] == NOT_HELD
     assert v[4][0] == INCONCLUSIVE and "ratio 4" in v[4][1]
     assert v[5][0] == HELD
-    assert repro.claim_verdicts({**stats, "C:uniform:lora:2": _s(0.725)})[5][0] == INCONCLUSIVE
-    assert repro.claim_verdicts({**stats, "C:uniform:lora:2": _s(0.75)})[5][0] == NOT_HELD
-    empty = repro.claim_verdicts({})
+    assert claim_verdicts({**stats, "C:uniform:lora:2": _s(0.725)})[5][0] == INCONCLUSIVE
+    assert claim_verdicts({**stats, "C:uniform:lora:2": _s(0.75)})[5][0] == NOT_HELD
+    empty = claim_verdicts({})
     assert set(empty) == {1, 2, 3, 4, 5} and all(x[0] == INCONCLUSIVE for x in empty.values())
 
 
 # -- the repro file and the generated sweeps -----------------------------------------------------------
 def test_repro_file_plans_every_experiment_with_controls():
-    cfg = repro.load_config()
-    task = repro.scale_tasks(cfg, "cpu", ["text"])[0]
-    shape = repro.model_shape_for(task["base"]["model"])
-    plan = repro.plan_task(cfg, task, repro.EXPERIMENTS, shape, allocation={
+    cfg = load_config()
+    task = scale_tasks(cfg, "cpu", ["text"])[0]
+    shape = model_shape_for(task["base"]["model"])
+    plan = plan_task(cfg, task, EXPERIMENTS, shape, allocation={
         "lora:1": {"ranks_string": "8_8_8_3_2", "reverse_ranks_string": "2_8_8_3_8"},
         "lora:2": {"ranks_string": "16_8_8_3_6", "reverse_ranks_string": "6_8_8_3_16"}})
     roles = [r for rs in plan.roles.values() for r in rs]
@@ -116,22 +123,22 @@ def test_repro_file_plans_every_experiment_with_controls():
     assert all(any(r["experiment"] == "A" for r in plan.roles[k]) for k in lam1)
     ctrl = [plan.entries[k] for k, rs in plan.roles.items() if any(r.get("kind") == "control" for r in rs)]
     assert sorted({e["lr"] for e in ctrl}) == [0.004, 0.016] and all("core_lambda" not in e for e in ctrl)
-    spec = repro.sweep_dict(cfg, "cpu", task, plan)
+    spec = sweep_dict(cfg, "cpu", task, plan)
     assert [r["seed"] for r in spec["runs"][:len(plan.entries)]] == [0] * len(plan.entries)  # seed-major
     assert spec["cpus_per_job"] == 1
     # the paper scale names the paper's models and tasks
-    paper = {t["name"]: t["base"]["model"] for t in repro.scale_tasks(cfg, "paper")}
+    paper = {t["name"]: t["base"]["model"] for t in scale_tasks(cfg, "paper")}
     assert paper == {"cola": "roberta-base", "mrpc": "roberta-base",
                      "eurosat": "google/vit-base-patch16-224-in21k", "dtd": "google/vit-base-patch16-224-in21k"}
 
 
 @pytest.mark.slow
 def test_committed_cpu_sweeps_are_generated(tmp_path):
-    cfg = repro.load_config()
-    written = repro.generate(cfg, tmp_path, ["cpu"])
+    cfg = load_config()
+    written = generate(cfg, tmp_path, ["cpu"])
     for p in written:
         if p.suffix == ".yaml":
-            committed = repro.REPO_ROOT / "benchmarks" / "repro" / "sweeps" / p.name
+            committed = REPO_ROOT / "benchmarks" / "repro" / "sweeps" / p.name
             assert committed.read_text() == p.read_text(), f"{committed} is stale: python benchmarks/repro/generate.py"
             from tenslora.sweep.spec import expand, load_sweep
             assert len(expand(load_sweep(committed))) == 3 * len({json.dumps({k: v for k, v in r.items() if k != 'seed'},
@@ -145,7 +152,7 @@ text_model = tu.text_model  # the session fixture
 
 
 def _tiny_config(model, data):
-    cfg = copy.deepcopy(repro.load_config())
+    cfg = copy.deepcopy(load_config())
     ex = cfg["experiments"]
     ex["A"].update(lora_ranks=[2], constructions=["att", "qkv_depth", "att_qkv_depth"], factorizations=["tucker"])
     ex["B"].update(constructions=["att_qkv_depth"], core_lambda=[1, 16], control_lr_multipliers=[16],
@@ -165,38 +172,38 @@ def test_repro_miniature_end_to_end(tmp_path, text_model):  # noqa: F811
     data = tu.write_csv(tmp_path / "d.csv", tu.sentences(80))
     cfg = _tiny_config(text_model, data)
     root = tmp_path / "repro"
-    counts = repro.run(cfg, "tiny", list(repro.EXPERIMENTS), ["text"], root)
+    counts = run(cfg, "tiny", list(EXPERIMENTS), ["text"], root)
     assert counts["tiny-text"].get("done", 0) > 0 and not counts["tiny-text"].get("failed"), counts
-    index = json.loads((root / "tiny-text" / repro.INDEX_FILE).read_text())
+    index = json.loads((root / "tiny-text" / INDEX_FILE).read_text())
     assert set(index["allocation"]) == {"lora:1"}
     arms = {r["arm"] for rs in index["jobs"].values() for r in rs if r["experiment"] == "C"}
     assert arms == {"uniform", "auto", "reverse"}
 
     out = tmp_path / "docs" / "results.md"
-    res = repro.write_report(root, out, tmp_path / "docs" / "results")
+    res = write_report(root, out, tmp_path / "docs" / "results")
     md = out.read_text()
-    for title in repro.EXP_TITLES.values():
+    for title in EXP_TITLES.values():
         assert f"### {title}" in md
     assert len(res["plots"]) == 3 and all(p.stat().st_size > 1000 for p in res["plots"])
-    for k in repro.CLAIMS:
+    for k in CLAIMS:
         assert sum(line.startswith(f"- **Claim {k}**") for line in md.splitlines()) == 1
         assert res["verdicts"]["tiny-text"][k][0] in (HELD, NOT_HELD, INCONCLUSIVE)
     assert "PARTIAL" not in md and "± " in md  # two seeds: every row has a std
 
     # collect -> report from the results only (no run directory needed)
     results = tmp_path / "results"
-    written = repro.collect(root, results)
+    written = collect(root, results)
     files = [p for p in written if p.name != "_index.json"]
     assert len(files) == len(index["jobs"])
     rec = json.loads(files[0].read_text())
     assert rec["summary"]["status"] == "done" and rec["config"]["resolved"] and rec["roles"]
     out2 = tmp_path / "docs2" / "results.md"
-    repro.write_report(results, out2, tmp_path / "docs2" / "results", from_results=True)
+    write_report(results, out2, tmp_path / "docs2" / "results", from_results=True)
     assert out2.read_text() == md
 
     # a missing run makes the report say it is partial and name the run
     files[0].unlink()
-    repro.write_report(results, out2, tmp_path / "docs2" / "results", from_results=True)
+    write_report(results, out2, tmp_path / "docs2" / "results", from_results=True)
     partial = out2.read_text()
     assert "PARTIAL RESULTS" in partial and files[0].stem in partial
 
@@ -205,20 +212,20 @@ def test_report_from_synthetic_results(tmp_path):
     """write_report on collected-format files with known numbers: tables, plots, verdicts, partial marker."""
     import random
 
-    cfg = copy.deepcopy(repro.load_config())
+    cfg = copy.deepcopy(load_config())
     cfg["experiments"]["A"].update(constructions=["att", "qkv_depth", "att_qkv_depth"], factorizations=["tucker"])
     task = {"name": "syn", "kind": "text", "metric": "test_macro_f1", "metrics": ["test_macro_f1"],
             "base": {"model": "x", "task": "y", "lr": 0.001}}
     cfg["scales"] = {"s": {"seeds": [0, 1, 2], "tasks": {"text": [task]}}}
-    shape = repro.make_shape(32, 4, 2)
+    shape = make_shape(32, 4, 2)
     alloc = {f"lora:{k}": {"ranks_string": f"{k}_2_2_2_2", "reverse_ranks_string": f"2_2_2_2_{k + 1}",
                            "parameters": 1, "reverse_parameters": 1, "budget": 2,
                            "targets_effective_rank": {"input": 1.0}} for k in (1, 2)}
-    plan = repro.plan_task(cfg, task, repro.EXPERIMENTS, shape, alloc)
-    spec = repro.sweep_dict(cfg, "s", task, plan)
-    roles = repro.job_roles(plan, spec)
+    plan = plan_task(cfg, task, EXPERIMENTS, shape, alloc)
+    spec = sweep_dict(cfg, "s", task, plan)
+    roles = job_roles(plan, spec)
     index = {"scale": "s", "task": "syn", "kind": "text", "metric": "test_macro_f1", "metrics": ["test_macro_f1"],
-             "base": spec["base"], "experiments": list(repro.EXPERIMENTS), "allocation": alloc, "jobs": roles}
+             "base": spec["base"], "experiments": list(EXPERIMENTS), "allocation": alloc, "jobs": roles}
     d = tmp_path / "results" / "syn"
     d.mkdir(parents=True)
     (d / "_index.json").write_text(json.dumps(index))
@@ -236,7 +243,7 @@ def test_report_from_synthetic_results(tmp_path):
         (d / f"{job.name}.json").write_text(json.dumps({"task": "syn", "name": job.name, "options": o,
                                                         "summary": summary, "config": {}, "roles": roles[job.name]}))
     out = tmp_path / "docs" / "results.md"
-    res = repro.write_report(tmp_path / "results", out, tmp_path / "docs" / "results", from_results=True)
+    res = write_report(tmp_path / "results", out, tmp_path / "docs" / "results", from_results=True)
     md = out.read_text()
     v = res["verdicts"]["syn"]
     assert v[1][0] == HELD and v[2][0] == HELD, (v[1], v[2])
@@ -245,5 +252,5 @@ def test_report_from_synthetic_results(tmp_path):
     assert "PARTIAL" not in md and len(res["plots"]) == 3
     assert "| qkv_depth/tucker |" in md and "control lr x16" in md and "reverse @ lora:1" in md
     next(p for p in d.glob("*.json") if p.name != "_index.json").unlink()
-    res = repro.write_report(tmp_path / "results", out, tmp_path / "docs" / "results", from_results=True)
+    res = write_report(tmp_path / "results", out, tmp_path / "docs" / "results", from_results=True)
     assert "PARTIAL RESULTS" in out.read_text()

@@ -1,17 +1,8 @@
 """Bad input: one line on stderr, exit code 2, no traceback."""
 import pytest
 
-from test_train_utils import QUICK, run_cli, sentences, text_model, vit_model, write_csv, write_jsonl  # noqa: F401
-
-
-def _fails(capsys, args, match):
-    code, out, err = run_cli(args, capsys)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, (code, out, err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    assert match in lines[0], lines[0]
-    return lines[0]
+from test_train_utils import (QUICK, fails_cleanly as _fails, run_cli, sentences, text_model, vit_model,  # noqa: F401
+                              write_csv, write_jsonl)
 
 
 @pytest.fixture

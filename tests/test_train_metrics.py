@@ -5,8 +5,8 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from tenslora.train.metrics import (classification_metrics, compute_metrics, is_better, majority_baseline,
-                                    regression_metrics)
+from tenslora.train.metrics import (classification_metrics, compute_metrics, is_better, main_metric,
+                                    majority_baseline, metric_names, regression_metrics)
 
 
 def test_classification_matches_sklearn():
@@ -48,3 +48,13 @@ def test_is_better_and_majority():
     assert m["accuracy"] == 0.5 and m["mcc"] == 0.0
     with pytest.raises(ValueError, match="empty"):
         classification_metrics([], [])
+
+
+def test_main_metric_follows_the_problem_type():
+    assert main_metric("classification", 3) == "macro_f1" and main_metric("regression", 1) == "pearson"
+    assert main_metric("classification", 2, "f1") == "f1" and main_metric("regression", 1, "pearson") == "pearson"
+    assert main_metric("regression", 1, "macro_f1") == "pearson"  # --problem-type regression on a class task
+    assert main_metric("classification", 3, "f1") == "macro_f1"  # f1 exists for 2 classes only
+    assert main_metric("classification", 5, "pearson") == "macro_f1"
+    for problem, k in (("classification", 2), ("classification", 4), ("regression", 1)):
+        assert main_metric(problem, k) in metric_names(problem, k)

@@ -118,6 +118,17 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def fails_cleanly(capsys, args, match: str) -> str:
+    """``tenslora ARGS`` exits 2 with one ``error: ...`` line containing ``match`` and no traceback."""
+    code, out, err = run_cli(args, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def text_model(tmp_path_factory) -> Path:
     return make_text_model(tmp_path_factory.mktemp("models") / "tiny-bert")

@@ -3,14 +3,15 @@
     python benchmarks/repro/generate.py            # all scales
     python benchmarks/repro/generate.py cpu        # one scale
 
-The rank matching is `tenslora.repro.match_ranks` (exact counts from
+The rank matching is `tenslora.repro.match.match_ranks` (exact counts from
 `tenslora.params.predict_adapter_parameters`); tests/test_repro.py checks that the committed cpu files
 are what this script writes.
 """
 import sys
 from pathlib import Path
 
-from tenslora.repro import DEFAULT_CONFIG, generate, load_config
+from tenslora.repro.plan import generate
+from tenslora.repro.spec import DEFAULT_CONFIG, load_config
 
 if __name__ == "__main__":
     here = Path(__file__).resolve().parent

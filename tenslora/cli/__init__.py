@@ -27,8 +27,15 @@ def main() -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2."""
     try:
         app()
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         if os.environ.get("TENSLORA_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_message(exc)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _message(exc: Exception) -> str:
+    """One line; an OS error names its file and what to do."""
+    if isinstance(exc, PermissionError):
+        return f"cannot write {exc.filename or 'a file'}: permission denied; make it writable or choose another path"
+    return str(exc)

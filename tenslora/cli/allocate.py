@@ -30,8 +30,9 @@ def allocate(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="probe progress bar")] = True,
 ) -> None:
     """Probe-train with generous ranks, measure per-mode spectra, choose per-mode ranks under the budget."""
-    from tenslora.plus.allocate import ALLOCATION_FILE, allocate as run_allocate, format_record
+    from tenslora.plus.allocate import ALLOCATION_FILE, format_record
     from tenslora.train.config import TrainConfig
+    from tenslora.train.probe import allocate as run_allocate
 
     cfg = TrainConfig(model=model, task=task, construction=construction, factorization="tucker",
                       ranks=str(probe_rank), lr=lr, batch_size=batch_size, train_samples=train_samples,

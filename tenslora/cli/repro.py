@@ -29,13 +29,14 @@ def run(
     """Run the selected experiments (resumable: rerun the same command to continue)."""
     from rich.console import Console
 
-    from tenslora import repro
+    from tenslora.repro.run import run as run_repro
+    from tenslora.repro.spec import EXPERIMENTS, TASK_KINDS, load_config, parse_list
 
-    cfg = repro.load_config(config)
-    exps = repro.parse_list(experiments, repro.EXPERIMENTS, "experiment")
-    kinds = repro.parse_list(tasks, repro.TASK_KINDS, "task kind")
+    cfg = load_config(config)
+    exps = parse_list(experiments, EXPERIMENTS, "experiment")
+    kinds = parse_list(tasks, TASK_KINDS, "task kind")
     console = Console(highlight=False)
-    counts = repro.run(cfg, scale, exps, kinds, root, slots=slots, console=console, dry_run=dry_run)
+    counts = run_repro(cfg, scale, exps, kinds, root, slots=slots, console=console, dry_run=dry_run)
     failed = False
     for task, c in counts.items():
         console.print(f"{task}: " + ", ".join(f"{n} {s}" for s, n in c.items()), soft_wrap=True)
@@ -58,12 +59,12 @@ def report(
     note: str = typer.Option("", "--note", help="A paragraph added under the report's header."),
 ) -> None:
     """Tables (mean ± std over seeds), plots and one verdict per claim, from the sweep aggregation."""
-    from tenslora import repro
+    from tenslora.repro.report import write_report
 
     if (source is None) == (from_results is None):
         raise ValueError("give a repro directory or --from-results DIR (one of them)")
     plots_dir = plots if plots is not None else out.parent / "results"
-    res = repro.write_report(from_results or source, out, plots_dir, from_results=from_results is not None,
+    res = write_report(from_results or source, out, plots_dir, from_results=from_results is not None,
                              note=note)
     for task, verdicts in res["verdicts"].items():
         for k, (verdict, _) in verdicts.items():
@@ -79,9 +80,9 @@ def collect(
     dest: Path = typer.Option(Path("benchmarks/results"), "--to", help="Results directory."),
 ) -> None:
     """Copy every finished run (options, roles, summary, resolved config) to DEST/<task>/<run>.json."""
-    from tenslora import repro
+    from tenslora.repro.collect import collect as collect_runs
 
-    written = repro.collect(source, dest)
+    written = collect_runs(source, dest)
     runs = [p for p in written if p.name != "_index.json"]
     typer.echo(f"collected {len(runs)} run(s) into {dest}")
 
@@ -93,10 +94,11 @@ def ranks(
     at_most: bool = typer.Option(False, "--at-most", help="Only counts <= the budget."),
 ) -> None:
     """Ranks of every construction x {Tucker, CP} matched to LoRA r=BUDGET's parameter count."""
-    from tenslora import repro
     from tenslora.constructions import CONSTRUCTIONS
+    from tenslora.repro.match import format_matches, lora_count, matched_table
+    from tenslora.repro.spec import model_shape_for
 
-    shape = repro.model_shape_for(model)
-    matches = repro.matched_table(shape, budget, list(CONSTRUCTIONS), ["tucker", "cp"], at_most=at_most)
-    typer.echo(repro.format_matches(matches, f"{model}: LoRA r={budget} has "
-                                             f"{repro.lora_count(shape, budget):,} parameters\n"))
+    shape = model_shape_for(model)
+    matches = matched_table(shape, budget, list(CONSTRUCTIONS), ["tucker", "cp"], at_most=at_most)
+    typer.echo(format_matches(matches, f"{model}: LoRA r={budget} has "
+                                       f"{lora_count(shape, budget):,} parameters\n"))

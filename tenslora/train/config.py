@@ -76,7 +76,10 @@ class TrainConfig:
     output_dir: str | None = _opt(None, "run directory (default: runs/<run-name or timestamp>)")
     run_name: str | None = _opt(None, "name of the run directory under runs/")
     checkpoint_every: int = _opt(0, "write a resumable checkpoint every N steps (0: at each evaluation)")
-    resume: bool = _opt(False, "continue from the run directory's last checkpoint (fresh start if none)")
+    resume: bool = _opt(False, "continue from the run directory's last checkpoint (fresh start if none); "
+                        "a finished run is left as is")
+    overwrite: bool = _opt(False, "replace the finished or interrupted run in the run directory (its outputs are "
+                           "removed only once the new run has loaded its data and model)")
     log_every: int = _opt(10, "log the training loss every N steps")
     monitor_every: int = _opt(0, "TensLoRA+ gradient/SVD monitor every N steps (0: off)")
     num_workers: int = _opt(0, "data-loader worker processes")
@@ -106,6 +109,9 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.resume and not (self.output_dir or self.run_name):
             raise ValueError("--resume needs --output-dir or --run-name (the run directory to continue)")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in the "
+                             "run directory, --overwrite replaces it")
         self.mode_lr_dict()  # validate early
 
     # derived ------------------------------------------------------------------------------------

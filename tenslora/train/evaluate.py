@@ -49,7 +49,6 @@ def adapter_dir(run_dir: str | Path, adapter: str) -> Path:
 
 def load_saved(run_dir: str | Path, adapter: str = "best", *, with_data: bool = True):
     """Rebuild a run's model (+ data when ``with_data``) from ``config.json`` and load its adapter."""
-    from tenslora.api import load_adapted_model
     from tenslora.train.config import TrainConfig
     from tenslora.train.modeling import load_preprocessor
     from tenslora.train.protocol import prepare
@@ -67,10 +66,24 @@ def load_saved(run_dir: str | Path, adapter: str = "best", *, with_data: bool = 
     model_path, model, _ = build_model(cfg_model, resolved["kind"], resolved["num_labels"], resolved["label_names"],
                                        resolved["problem_type"])
     extra = forward_kwargs(model, resolved["kind"], image_size(cfg))
-    adapted = load_adapted_model(model, path)
+    adapted = _load_adapter(model, path, adapter)
     preprocessor = load_preprocessor(model_path, resolved["kind"], image_size(cfg))
     return cfg, Run(data, model_path, resolved["kind"], preprocessor, extra, adapted, resolved["label_names"],
                     resolved["num_labels"], resolved["problem_type"])
+
+
+def _load_adapter(model, path: Path, adapter: str):
+    """``load_adapted_model``; a truncated or empty weights file is a ValueError naming it."""
+    from safetensors import SafetensorError
+
+    from tenslora.api import load_adapted_model
+    from tenslora.model import WEIGHTS_FILE
+    try:
+        return load_adapted_model(model, path)
+    except SafetensorError as exc:
+        other = "final" if adapter == "best" else "best"
+        raise ValueError(f"{path / WEIGHTS_FILE} is damaged ({exc}); use --adapter {other}, or train the run "
+                         "again with --overwrite") from None
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", adapter: str = "best") -> dict[str, float]:

@@ -8,6 +8,7 @@ import numpy as np
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc")
 REGRESSION_METRICS = ("pearson", "spearman", "mse")
 LOWER_IS_BETTER = {"loss", "mse"}
+MAIN_METRIC = {"classification": "macro_f1", "regression": "pearson"}  # when the task names none that fits (else loss)
 
 
 def classification_metrics(preds, labels, num_labels: int | None = None) -> dict[str, float]:
@@ -50,6 +51,14 @@ def metric_names(problem_type: str, num_labels: int | None = None) -> tuple[str,
     if problem_type == "regression":
         return (*REGRESSION_METRICS, "loss")
     return (*CLASSIFICATION_METRICS, *(("f1",) if num_labels == 2 else ()), "loss")
+
+
+def main_metric(problem_type: str, num_labels: int | None = None, preferred: str | None = None) -> str:
+    """The default ``--select-metric``: the task's ``preferred`` one when the problem type reports it
+    (``--problem-type regression`` on a classification task falls back), else the problem type's."""
+    if preferred in metric_names(problem_type, num_labels):
+        return preferred
+    return MAIN_METRIC.get(problem_type, "loss")
 
 
 def is_better(metric: str, value: float, best: float | None) -> bool:

@@ -106,7 +106,7 @@ def load_preprocessor(path: str, kind: str, image_size: int | None = None):
 
 
 def adapter_config(cfg) -> TensLoRAConfig:
-    """The adapter of a run. ``--ranks auto`` is resolved by :mod:`tenslora.plus.allocate`."""
+    """The adapter of a run. ``--ranks auto`` is resolved first (:func:`resolve_auto_ranks`)."""
     ranks = cfg.ranks
     if str(ranks).strip().lower() == "auto":
         raise ValueError("--ranks auto must be resolved before building the adapter (see resolve_auto_ranks)")
@@ -117,9 +117,7 @@ def adapter_config(cfg) -> TensLoRAConfig:
 
 
 def resolve_auto_ranks(cfg) -> str:
-    """``--ranks auto --budget N``: ranks chosen by TensLoRA+ allocation (a short probe run)."""
-    if cfg.budget is None:
-        raise ValueError("--ranks auto needs --budget N (adapter parameters, or lora:k)")
-    from tenslora.plus.allocate import allocate_ranks_for_training
-    ranks = allocate_ranks_for_training(cfg)
-    return ranks if isinstance(ranks, str) else "_".join(str(r) for r in ranks)
+    """``--ranks auto --budget N``: the ranks string TensLoRA+ allocation chooses (a short probe run,
+    :func:`tenslora.train.probe.allocate_for_training`)."""
+    from tenslora.train.probe import allocate_for_training
+    return allocate_for_training(cfg)["ranks_string"]

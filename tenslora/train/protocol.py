@@ -4,13 +4,21 @@
   test is held out from train too (GLUE loaders already give the official validation as test).
 * ``--train-samples`` / ``--eval-samples`` subsample, also by ``--data-seed``, independently of the
   training ``--seed``.
-* Classification labels become ids ``0..K-1``: from the task's class names, else the sorted
-  training labels; a label outside them is an error naming it.
+* Classification labels become ids ``0..K-1``: from the task's class names, else ``0..max`` for
+  integer labels (``--num-labels`` may raise K) or the sorted distinct string labels (they define K:
+  a different ``--num-labels`` is an error); a label outside them is an error naming it.
+* A NaN or infinite label is an error naming its example, and so are training labels that are all
+  the same value (nothing to learn).
+* The default ``--select-metric`` follows the problem type (macro-F1 / Pearson) unless the task
+  names one that fits it.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
+from tenslora.train.metrics import main_metric
 from tenslora.train.tasks.base import Split, TaskData, random_indices
 
 
@@ -23,6 +31,7 @@ class PreparedData:
     label_names: list[str] | None
     num_labels: int
     problem_type: str  # classification | regression
+    main_metric: str  # the default --select-metric
 
     def split(self, name: str) -> Split:
         if name not in ("train", "validation", "test"):
@@ -81,6 +90,8 @@ def infer_problem_type(cfg, task: TaskData, labels: list) -> str:
 def encode_labels(splits: dict[str, Split], cfg, task: TaskData) -> tuple[list[str] | None, int, dict[str, Split]]:
     problem = infer_problem_type(cfg, task, splits["train"].labels)
     if problem == "regression":
+        if cfg.num_labels not in (None, 1):
+            raise ValueError(f"--num-labels {cfg.num_labels} does not apply to regression (one output); drop it")
         out = {}
         for name, split in splits.items():
             try:
@@ -88,6 +99,8 @@ def encode_labels(splits: dict[str, Split], cfg, task: TaskData) -> tuple[list[s
             except (TypeError, ValueError):
                 bad = next(v for v in split.labels if not _is_number(v))
                 raise ValueError(f"regression label {bad!r} in the {name} split is not a number") from None
+            check_finite(name, out[name].labels)
+        _check_varies(out["train"].labels, "regression")
         return None, 1, out
     names = list(task.label_names) if task.label_names else None
     train_labels = splits["train"].labels
@@ -97,12 +110,14 @@ def encode_labels(splits: dict[str, Split], cfg, task: TaskData) -> tuple[list[s
             k = cfg.num_labels or top + 1
             names = [str(i) for i in range(k)]
         else:
-            names = sorted({str(v) for v in train_labels})
+            names = sorted({str(v).strip() if isinstance(v, str) else str(v) for v in train_labels})
+            if cfg.num_labels is not None and cfg.num_labels != len(names):
+                raise ValueError(f"--num-labels {cfg.num_labels} does not match the {len(names)} classes of the "
+                                 f"training labels ({', '.join(names[:20])}); text labels define the classes: "
+                                 "drop --num-labels")
     elif cfg.num_labels is not None and cfg.num_labels != len(names):
         raise ValueError(f"--num-labels {cfg.num_labels} does not match the task's {len(names)} classes {names}")
     k = len(names)
-    if k < 2:
-        raise ValueError(f"classification needs at least 2 classes; the training labels have only {names}")
     index = {n: i for i, n in enumerate(names)}
     out = {}
     for name, split in splits.items():
@@ -119,7 +134,25 @@ def encode_labels(splits: dict[str, Split], cfg, task: TaskData) -> tuple[list[s
                                      f"{', '.join(names[:20])}")
             ids.append(i)
         out[name] = Split(split.inputs, ids)
+    _check_varies([names[i] for i in out["train"].labels], "classification")
     return names, k, out
+
+
+def check_finite(split: str, labels: list) -> None:
+    """A NaN or infinite numeric label is an error naming its example (1-based, in the split's order)."""
+    for n, v in enumerate(labels, 1):
+        if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and not math.isfinite(float(v)):
+            raise ValueError(f"label {v!r} of example {n} in the {split} split is not a finite number; "
+                             "fix or remove that example")
+
+
+def _check_varies(train_labels: list, problem: str) -> None:
+    values = set(train_labels)
+    if len(values) < 2:
+        what = "classification needs at least 2 classes" if problem == "classification" else \
+            "regression needs a target that varies"
+        raise ValueError(f"every training label is {next(iter(values), None)!r}: {what} in the training data "
+                         "(check --label-column, or use more --train-samples)")
 
 
 def _is_number(v) -> bool:
@@ -144,10 +177,12 @@ def prepare(task: TaskData, cfg) -> PreparedData:
     for name, split in task.splits.items():
         if len(split) == 0:
             raise ValueError(f"task {task.name!r}: the {name} split is empty")
+        check_finite(name, split.labels)
     splits = hold_out(task.splits, cfg, task)
     splits = {"train": subsample(splits["train"], cfg.train_samples, cfg.data_seed, "train-samples"),
               "validation": subsample(splits["validation"], cfg.eval_samples, cfg.data_seed, "eval-samples/validation"),
               "test": subsample(splits["test"], cfg.eval_samples, cfg.data_seed, "eval-samples/test")}
     names, k, splits = encode_labels(splits, cfg, task)
     problem = "regression" if names is None else "classification"
-    return PreparedData(task, splits["train"], splits["validation"], splits["test"], names, k, problem)
+    return PreparedData(task, splits["train"], splits["validation"], splits["test"], names, k, problem,
+                        main_metric(problem, k, task.main_metric))

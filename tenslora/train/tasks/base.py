@@ -55,7 +55,8 @@ class TaskData:
 
     splits: any of ``train``, ``validation``, ``test`` (missing ones are held out from train).
     kind: ``text`` or ``image``. label_names: class names by index when the source defines them
-    (else they come from the training labels). main_metric: default ``--select-metric``.
+    (else they come from the training labels). main_metric: default ``--select-metric`` (None: the
+    problem type's, see :func:`tenslora.train.metrics.main_metric`).
     test_source: where the test split comes from, for the summary (e.g. "official validation split").
     """
 
@@ -64,7 +65,7 @@ class TaskData:
     splits: dict[str, Split]
     label_names: list[str] | None = None
     problem_type: str = "classification"
-    main_metric: str = "macro_f1"
+    main_metric: str | None = None
     validation_size: float = 0.1
     test_size: float = 0.1
     test_source: str = "test split"

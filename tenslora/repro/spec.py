@@ -1,0 +1,76 @@
+"""The repro file (``benchmarks/repro/repro.yaml``): its constants, scales and tasks, and the Q/K/V
+shape of the models it names."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "benchmarks" / "repro" / "repro.yaml"
+INDEX_FILE = "repro_index.json"
+EXPERIMENTS = ("A", "B", "C")
+TASK_KINDS = ("text", "vision")
+
+# Shapes of the models the repro files name (Q, K, V of equal width), so that ranks can be matched
+# without the hub; other models are read from their config (local directory or cache).
+KNOWN_SHAPES = {  # hidden, heads, layers
+    "minilm": (384, 12, 6),
+    "dinov2-small": (384, 6, 12),
+    "roberta-base": (768, 12, 12),
+    "google/vit-base-patch16-224-in21k": (768, 12, 12),
+}
+
+
+def make_shape(hidden: int, heads: int, layers: int):
+    from tenslora.targets import ModelShape
+
+    return ModelShape(projections=("query", "key", "value"), layers=tuple(range(layers)), d_in=hidden,
+                      d_out=(hidden,) * 3, head_dim=hidden // heads)
+
+
+def model_shape_for(model: str):
+    """The adapted-projection shape of ``model`` (a short name, hub id or local directory)."""
+    if model in KNOWN_SHAPES:
+        return make_shape(*KNOWN_SHAPES[model])
+    from tenslora.train.probe import shape_from_config
+    from tenslora.train.modeling import load_model_config, resolve_model_name
+
+    shape = shape_from_config(load_model_config(resolve_model_name(model)))
+    if shape is None:
+        raise ValueError(f"cannot tell the Q/K/V shape of {model!r}; add it to tenslora.repro.spec.KNOWN_SHAPES")
+    return shape
+
+
+def load_config(path: str | os.PathLike | None = None) -> dict:
+    import yaml
+
+    p = Path(path) if path is not None else DEFAULT_CONFIG
+    data = yaml.safe_load(p.read_text())
+    if not isinstance(data, dict) or "scales" not in data or "experiments" not in data:
+        raise ValueError(f"{p}: a repro file needs 'scales' and 'experiments'")
+    return data
+
+
+def scale_tasks(config: dict, scale: str, kinds: Iterable[str] = TASK_KINDS) -> list[dict]:
+    scales = config["scales"]
+    if scale not in scales:
+        raise ValueError(f"unknown scale {scale!r}; the repro file has {', '.join(scales)}")
+    out = []
+    kinds = list(kinds)
+    for kind in kinds:
+        if kind not in TASK_KINDS:
+            raise ValueError(f"unknown task kind {kind!r}; allowed: {', '.join(TASK_KINDS)}")
+        for task in scales[scale]["tasks"].get(kind) or []:
+            out.append({**task, "kind": kind})
+    return out
+
+
+def parse_list(text: str | Sequence[str] | None, allowed: Sequence[str], what: str) -> list[str]:
+    if text is None:
+        return list(allowed)
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise ValueError(f"{what} {bad[0] if bad else text!r} is not allowed; allowed: {', '.join(allowed)}")
+    return items
