@@ -21,7 +21,6 @@ class _Slices:
     """Every projection's ``(A, B)`` computed at once, and what they were computed from."""
 
     key: tuple
-    grad: bool
     pass_id: int
     a: torch.Tensor
     slices: list[torch.Tensor]
@@ -36,11 +35,12 @@ class TensorAdapter(nn.Module):
     projection (grouped-query attention), restricted to the projection's columns ``columns[p]``.
 
     Slices are computed once for every projection of the tensor and cached, keyed by the
-    parameters' versions (an optimizer step or a load invalidates them):
-    - without grad (evaluation, ``generate()``), the cache serves while the parameters are unchanged;
-    - with grad, it serves within the pass that built it (:meth:`begin_pass`, one per model forward),
-      and inside backward to projections it served with grad, so that a checkpointed block recomputes
-      with the very same tensors. Any other call with grad computes its own slices.
+    parameters' versions (an optimizer step or a load invalidates them), in two slots:
+    - without grad (evaluation, ``generate()``), any cache whose key matches serves;
+    - with grad, the slices built by :meth:`begin_pass` (one per model forward) serve that pass, and
+      inside backward serve the projections they served with grad, so that a checkpointed block
+      recomputes with the very same tensors (non-reentrant checkpointing checks this). Any other
+      call with grad, e.g. a reentrant recomputation, computes its own slices.
     """
 
     def __init__(self, tensor: FactorizedTensor, construction: Construction,
@@ -55,13 +55,14 @@ class TensorAdapter(nn.Module):
                 name = f"columns_{p}"
                 self.register_buffer(name, torch.tensor(list(cols), dtype=torch.long), persistent=False)
             self._column_names.append(name)
-        self._cache: _Slices | None = None
+        self._grad: _Slices | None = None  # built with grad: serves its pass, and backward
+        self._no_grad: _Slices | None = None  # built without: serves no-grad calls, never evicts the other
         self._pass_id = 0
         self._open = False
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the cache behind (it may hold non-leaf tensors of a graph)."""
-        return {**self.__dict__, "_cache": None}
+        return {**self.__dict__, "_grad": None, "_no_grad": None}
 
     def _key(self) -> tuple:
         return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.tensor.parameters())
@@ -74,34 +75,41 @@ class TensorAdapter(nn.Module):
             slices = [s for bp in per_proj for s in bp.reshape(-1, *bp.shape[-2:]).unbind(0)]
         else:
             slices = list(b.reshape(-1, *b.shape[-2:]).unbind(0))
-        return _Slices(self._key(), torch.is_grad_enabled(), self._pass_id, a, slices)
+        return _Slices(self._key(), self._pass_id, a, slices)
 
     def begin_pass(self) -> None:
         """Open a pass (one model forward): compute every slice now, outside any checkpointed block."""
         self._pass_id += 1
         self._open = True
-        self._cache = self._compute()
+        if torch.is_grad_enabled():
+            self._grad = self._compute()
+        else:
+            self._no_grad = self._compute()
 
     def end_pass(self) -> None:
         """Close the pass; the slices stay cached for a checkpointed recomputation in backward."""
         self._open = False
 
     def _serve(self, flat: int) -> _Slices:
-        cache, grad = self._cache, torch.is_grad_enabled()
-        if cache is not None and cache.key == self._key():
-            if not grad:
-                return cache
-            if cache.grad and self._open and cache.pass_id == self._pass_id:
+        key = self._key()
+        if not torch.is_grad_enabled():
+            for cache in (self._no_grad, self._grad):
+                if cache is not None and cache.key == key:
+                    return cache
+            self._no_grad = self._compute()
+            return self._no_grad
+        cache = self._grad
+        if cache is not None and cache.key == key:
+            if self._open and cache.pass_id == self._pass_id:
                 cache.served_with_grad.add(flat)
                 return cache
-            if cache.grad and _in_backward() and flat in cache.served_with_grad:
+            if _in_backward() and flat in cache.served_with_grad:
                 return cache
-        if not grad or self._open:  # cache for the rest of the pass (or of the no-grad calls)
-            self._cache = self._compute()
-            if grad:
-                self._cache.served_with_grad.add(flat)
-            return self._cache
-        return self._compute()
+        if not self._open:
+            return self._compute()
+        self._grad = self._compute()  # for the rest of the pass
+        self._grad.served_with_grad.add(flat)
+        return self._grad
 
     def pair(self, batch_index: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A (d_in, r), B (r, d_out_p))`` for the projection at ``batch_index``."""

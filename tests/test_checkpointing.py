@@ -143,3 +143,17 @@ def test_deepcopy_after_a_training_forward():
     twin.eval(), adapted.eval()
     with torch.no_grad():
         assert torch.equal(twin(input_ids=ids).logits, adapted(input_ids=ids).logits)
+
+
+def test_no_grad_evaluation_between_forward_and_backward():
+    """An evaluation (no grad) between a checkpointed forward and its backward changes nothing."""
+    ids, labels = batch()
+    plain = adapted_model("llama", "att_qkv_depth", "cp")
+    plain(input_ids=ids, labels=labels).loss.backward()
+    adapted = adapted_model("llama", "att_qkv_depth", "cp")
+    adapted.gradient_checkpointing_enable()
+    loss = adapted(input_ids=ids, labels=labels).loss
+    with torch.no_grad():
+        adapted(input_ids=ids)
+    loss.backward()
+    assert_close(grads(adapted), grads(plain))
