@@ -122,8 +122,7 @@ class AdaptedModel(nn.Module):
     def save_adapter(self, path: str | Path) -> Path:
         """Write ``tenslora_config.json`` and ``adapter_model.safetensors`` (adapter + head only)."""
         from safetensors.torch import save_file
-        tensors = {**self.adapter_state(), **self.head_state()}
-        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        tensors = {k: v.contiguous() for k, v in self.state_dict().items() if k != RECORD_KEY}
 
         def fill(tmp: Path) -> None:
             save_file(tensors, str(tmp / WEIGHTS_FILE))
@@ -135,10 +134,9 @@ class AdaptedModel(nn.Module):
         return self.save_adapter(path)
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """The adapter's own tensors (keys of the adapter file) and ``RECORD_KEY``; no base weights."""
+        """The adapter's own tensors (keys of the adapter file; detached, sharing the parameters' storage)
+        and ``RECORD_KEY``; no base weights. ``keep_vars`` is ignored."""
         tensors = {**self.adapter_state(), **self.head_state()}
-        if not keep_vars:
-            tensors = {k: v.detach() for k, v in tensors.items()}
         tensors[RECORD_KEY] = encode_record(self._config_record())
         out = destination if destination is not None else {}
         out.update({prefix + k: v for k, v in tensors.items()})
