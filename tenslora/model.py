@@ -12,6 +12,7 @@ from torch import nn
 
 from tenslora.adapter import TensorAdapter
 from tenslora.config import TensLoRAConfig, warn_ranks_above_sizes
+from tenslora.errors import DamagedFileError
 from tenslora.constructions import get_construction
 from tenslora.io import write_dir_atomic
 from tenslora.layer import AdaptedLinear
@@ -35,7 +36,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); save the adapter again") from None
+        raise DamagedFileError(path, f"{path} is not a readable safetensors file ({err}); save the adapter again") \
+            from None
 
 
 def adapter_generator(seed: int, name: str) -> torch.Generator:

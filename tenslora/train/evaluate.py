@@ -73,17 +73,15 @@ def load_saved(run_dir: str | Path, adapter: str = "best", *, with_data: bool = 
 
 
 def _load_adapter(model, path: Path, adapter: str):
-    """``load_adapted_model``; a truncated or empty weights file is a ValueError naming it."""
-    from safetensors import SafetensorError
-
+    """``load_adapted_model``; a damaged weights file is a ValueError naming it and the way out."""
     from tenslora.api import load_adapted_model
-    from tenslora.model import WEIGHTS_FILE
+    from tenslora.errors import DamagedFileError
     try:
         return load_adapted_model(model, path)
-    except SafetensorError as exc:
+    except DamagedFileError as exc:
         other = "final" if adapter == "best" else "best"
-        raise ValueError(f"{path / WEIGHTS_FILE} is damaged ({exc}); use --adapter {other}, or train the run "
-                         "again with --overwrite") from None
+        raise ValueError(f"{exc.path} is damaged; use --adapter {other}, or train the run again with "
+                         "--overwrite") from None
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", adapter: str = "best") -> dict[str, float]:
