@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from tenslora.repro.match import format_matches, lora_count, match_ranks, matched_table
-from tenslora.repro.spec import EXPERIMENTS, model_shape_for, scale_tasks
+from tenslora.repro.spec import STATIC_EXPERIMENTS, experiment_config, model_shape_for, scale_tasks, task_experiments
 
 
 def _key(entry: Mapping[str, Any]) -> str:
@@ -30,12 +30,85 @@ class Plan:
             roles.append(role)
 
 
+def tuning(config: dict, task: dict, experiments: Sequence[str], shape) -> dict[str, Any] | None:
+    """Experiments D and E of one task, before any run: the learning-rate grid, the configurations
+    (``{label: option entry}``) whose rate is tuned, and E's arms. None when neither D nor E is selected.
+
+    D tunes every configuration it lists; E takes the rate tuned for its ``lr_from`` configuration
+    (``<construction>/tucker`` by default), which is added to the grid when D does not list it.
+    ``tuned_options`` go into every D/E run, ``test_options`` into the reported (phase-2) runs only."""
+    exps = task_experiments(task, experiments)
+    if "D" not in exps and "E" not in exps:
+        return None
+    d = experiment_config(config, task, "D")
+    budget = int(d.get("budget", 2))
+    target = lora_count(shape, budget)
+
+    def entry_of(label: str) -> dict[str, Any]:
+        if label.startswith("lora r="):
+            return {"construction": "lora", "ranks": label[len("lora r="):]}
+        c, _, f = label.partition("/")
+        if f not in ("tucker", "cp"):
+            raise ValueError(f"configuration {label!r} is not 'lora r=K' or '<construction>/<tucker|cp>'")
+        return {"construction": c, "factorization": f, "ranks": match_ranks(c, f, shape, target).ranks_string}
+
+    labels = [f"lora r={r}" for r in d.get("lora_ranks", [])] + list(d.get("configurations", [])) if "D" in exps else []
+    out: dict[str, Any] = {"lrs": [float(x) for x in d["lrs"]], "grid_seed": int(d.get("grid_seed", 0)),
+                           "budget": budget, "baseline": f"lora r={budget}", "tuned": list(labels),
+                           "tuned_options": dict(task.get("tuned_options") or {}),
+                           "test_options": dict(task.get("test_options") or {}), "layers": None}
+    if "E" in exps:
+        e = experiment_config(config, task, "E")
+        c, f = e.get("construction", "att_qkv_depth"), "tucker"
+        lr_from = e.get("lr_from", f"{c}/{f}")
+        if lr_from not in labels:
+            labels.append(lr_from)
+        from tenslora.constructions import get_construction
+
+        modes = list(get_construction(c).mode_names)
+        if "layers" not in modes:
+            raise ValueError(f"experiment E needs a construction with a layers mode, got {c!r}")
+        ranks = list(match_ranks(c, f, shape, target).ranks)
+        arms = {}
+        for r in e.get("layers_ranks", [4, 2]):
+            ranks[modes.index("layers")] = int(r)
+            arms[int(r)] = {"construction": c, "factorization": f, "ranks": "_".join(str(x) for x in ranks)}
+        out["layers"] = {"construction": c, "lr_from": lr_from, "arms": arms}
+    out["configs"] = {label: entry_of(label) for label in labels}
+    return out
+
+
 def plan_task(config: dict, task: dict, experiments: Sequence[str], shape,
-              allocation: Mapping[str, Any] | None = None) -> Plan:
-    """All configurations of the selected experiments for one task (C needs ``allocation``)."""
+              allocation: Mapping[str, Any] | None = None, selection: Mapping[str, Any] | None = None) -> Plan:
+    """All configurations of the selected experiments for one task (C needs ``allocation``).
+
+    D and E: the grid runs (phase 1; their entries carry their seed), and, for each configuration in
+    ``selection`` (``{label: {"lr": ...}}``, from :mod:`tenslora.repro.select`), its runs at the chosen
+    rate (phase 2)."""
     exps = config["experiments"]
+    experiments = task_experiments(task, experiments)
     base_lr = float(task["base"].get("lr", 1e-3))
     plan = Plan()
+    tune = tuning(config, task, experiments, shape)
+    if tune is not None:
+        opts, test_opts = tune["tuned_options"], tune["test_options"]
+        for label, entry in tune["configs"].items():
+            for lr in tune["lrs"]:
+                plan.add({**entry, **opts, "lr": lr, "seed": tune["grid_seed"]},
+                         {"experiment": "D", "phase": "grid", "label": label, "lr": lr})
+        chosen = {label: float(rec["lr"]) for label, rec in (selection or {}).items()}
+        for label in tune["tuned"]:
+            if label in chosen:
+                plan.add({**tune["configs"][label], **opts, **test_opts, "lr": chosen[label]},
+                         {"experiment": "D", "phase": "tuned", "label": label, "lr": chosen[label],
+                          "factorization": tune["configs"][label].get("factorization", "lora")})
+        layers = tune["layers"]
+        if layers is not None and layers["lr_from"] in chosen:
+            lr = chosen[layers["lr_from"]]
+            for r, entry in layers["arms"].items():
+                plan.add({**entry, **opts, **test_opts, "lr": lr},
+                         {"experiment": "E", "layers_rank": r, "label": f"layers rank {r}", "lr": lr,
+                          "lr_from": layers["lr_from"]})
     if "A" in experiments:
         a = exps["A"]
         target = lora_count(shape, int(a["budget"]))
@@ -89,12 +162,18 @@ def plan_task(config: dict, task: dict, experiments: Sequence[str], shape,
     return plan
 
 
+def task_seeds(config: dict, scale: str, task: dict) -> list[int]:
+    sc = config["scales"][scale]
+    return list(task.get("seeds") or sc.get("seeds") or config.get("seeds") or [0])
+
+
 def sweep_dict(config: dict, scale: str, task: dict, plan: Plan) -> dict:
     """A ``tenslora sweep`` mapping: explicit runs, seed-major (a partial run has every configuration
     with seed 0 before any with seed 1)."""
     sc = config["scales"][scale]
-    seeds = list(task.get("seeds") or sc.get("seeds") or config.get("seeds") or [0])
-    runs = [{**entry, "seed": s} for s in seeds for entry in plan.entries.values()]
+    seeds = task_seeds(config, scale, task)
+    fixed = [dict(e) for e in plan.entries.values() if "seed" in e]  # D's grid: one seed, first
+    runs = fixed + [{**entry, "seed": s} for s in seeds for entry in plan.entries.values() if "seed" not in entry]
     out = {"name": f"repro-{scale}-{task['name']}", "command": ["tenslora", "train"],
            "base": {**dict(task["base"]), "progress": False}, "runs": runs}
     for key, value in (sc.get("sweep") or {}).items():
@@ -109,8 +188,10 @@ def job_roles(plan: Plan, spec_dict: dict) -> dict[str, list[dict]]:
     spec = parse_sweep(spec_dict, source="repro sweep")
     out = {}
     for job in expand(spec):
-        entry = {k: v for k, v in job.varied.items() if k != "seed"}
-        out[job.name] = plan.roles[_key(entry)]
+        key = _key(job.varied)
+        if key not in plan.roles:
+            key = _key({k: v for k, v in job.varied.items() if k != "seed"})
+        out[job.name] = plan.roles[key]
     return out
 
 
@@ -137,7 +218,9 @@ def generate(config: dict, out_dir: str | os.PathLike, scales: Sequence[str] | N
     for scale in scales or list(config["scales"]):
         for task in scale_tasks(config, scale):
             shape = model_shape_for(task["base"]["model"])
-            plan = plan_task(config, task, EXPERIMENTS, shape, allocation=None)
+            plan = plan_task(config, task, STATIC_EXPERIMENTS, shape, allocation=None)
+            if not plan.entries:  # a task of D/E only (their runs depend on a selection)
+                continue
             spec = sweep_dict(config, scale, task, plan)
             path = out / "sweeps" / f"{scale}-{task['name']}.yaml"
             rel = f"benchmarks/repro/sweeps/{path.name}"

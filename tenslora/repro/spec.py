@@ -9,8 +9,11 @@ from typing import Iterable, Sequence
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "benchmarks" / "repro" / "repro.yaml"
 INDEX_FILE = "repro_index.json"
-EXPERIMENTS = ("A", "B", "C")
-TASK_KINDS = ("text", "vision")
+EXPERIMENTS = ("A", "B", "C", "D", "E")
+STATIC_EXPERIMENTS = ("A", "B", "C")  # fully known before running (D and E have a phase 2 after a selection)
+TASK_KINDS = ("text", "vision", "llm")
+DEFAULT_KINDS = ("text", "vision")  # llm: once causal-LM training has landed (`--tasks llm`)
+SELECTION_FILE = "selected_lr.json"
 
 # Shapes of the models the repro files name (Q, K, V of equal width), so that ranks can be matched
 # without the hub; other models are read from their config (local directory or cache).
@@ -19,14 +22,18 @@ KNOWN_SHAPES = {  # hidden, heads, layers
     "dinov2-small": (384, 6, 12),
     "roberta-base": (768, 12, 12),
     "google/vit-base-patch16-224-in21k": (768, 12, 12),
+    "smollm2": (576, 9, 30, 3),  # SmolLM2-135M-Instruct: grouped-query attention, 3 key/value heads
 }
 
 
-def make_shape(hidden: int, heads: int, layers: int):
+def make_shape(hidden: int, heads: int, layers: int, kv_heads: int | None = None):
+    """Q, K, V of a model with ``hidden`` width; K and V have ``kv_heads`` heads (grouped-query attention)."""
     from tenslora.targets import ModelShape
 
+    head_dim = hidden // heads
+    kv = hidden if kv_heads is None else kv_heads * head_dim
     return ModelShape(projections=("query", "key", "value"), layers=tuple(range(layers)), d_in=hidden,
-                      d_out=(hidden,) * 3, head_dim=hidden // heads)
+                      d_out=(hidden, kv, kv), head_dim=head_dim)
 
 
 def model_shape_for(model: str):
@@ -50,6 +57,34 @@ def load_config(path: str | os.PathLike | None = None) -> dict:
     if not isinstance(data, dict) or "scales" not in data or "experiments" not in data:
         raise ValueError(f"{p}: a repro file needs 'scales' and 'experiments'")
     return data
+
+
+def task_experiments(task: dict, experiments: Sequence[str]) -> list[str]:
+    """The selected experiments that apply to ``task`` (its ``experiments`` key; default all)."""
+    allowed = task.get("experiments") or EXPERIMENTS
+    return [e for e in experiments if e in allowed]
+
+
+def experiment_config(config: dict, task: dict, exp: str) -> dict:
+    """``experiments.<exp>`` of the repro file with the task's own overrides (``task[exp]``) on top."""
+    return {**(config["experiments"].get(exp) or {}), **(task.get(exp) or {})}
+
+
+def merge_index(old: dict | None, new: dict) -> dict:
+    """A task's job index after a later ``run`` or ``collect`` adds jobs: roles merged per job, experiments
+    united, the allocation and the learning-rate tuning record kept unless the new index has them."""
+    if not old:
+        return new
+    jobs = {k: list(v) for k, v in old.get("jobs", {}).items()}
+    for name, roles in new["jobs"].items():
+        merged = jobs.setdefault(name, [])
+        for r in roles:
+            if r not in merged:
+                merged.append(r)
+    return {**old, **new, "jobs": jobs,
+            "experiments": sorted(set(old.get("experiments", [])) | set(new.get("experiments", []))),
+            "allocation": new.get("allocation") or old.get("allocation"),
+            "tuning": new.get("tuning") or old.get("tuning")}
 
 
 def scale_tasks(config: dict, scale: str, kinds: Iterable[str] = TASK_KINDS) -> list[dict]:
