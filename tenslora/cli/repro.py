@@ -8,7 +8,8 @@ import typer
 
 app = typer.Typer(no_args_is_help=True,
                   help="Reproduction of the TensLoRA / TensLoRA+ claims: experiments A (constructions at equal "
-                       "parameters), B (core lambda with uniform-lr controls, LoRA+) and C (rank allocation), "
+                       "parameters), B (core lambda with uniform-lr controls, LoRA+), C (rank allocation), "
+                       "D (A at each method's own learning rate) and E (layers rank 4 vs 2), "
                        "3 seeds, one report with a verdict per claim.")
 
 _CONFIG_HELP = "Repro file (default benchmarks/repro/repro.yaml)."
@@ -18,8 +19,9 @@ _CONFIG_HELP = "Repro file (default benchmarks/repro/repro.yaml)."
 def run(
     scale: str = typer.Option("cpu", "--scale", help="cpu (offline MiniLM/DINOv2-small, ~3 h on 2 cores) or "
                                                      "paper (RoBERTa-base, ViT-base; GPUs)."),
-    experiments: str = typer.Option("A,B,C", "--experiments", help="Comma-separated subset of A,B,C."),
-    tasks: str = typer.Option("text,vision", "--tasks", help="Comma-separated subset of text,vision."),
+    experiments: str = typer.Option("A,B,C", "--experiments", help="Comma-separated subset of A,B,C,D,E (D: each "
+                                    "method's learning rate tuned on validation, then seeds; E: layers rank 4 vs 2)."),
+    tasks: str = typer.Option("text,vision", "--tasks", help="Comma-separated subset of text,vision,llm."),
     root: Path = typer.Option(Path("runs/repro"), "--dir", help="Repro directory (one sweep per task inside)."),
     slots: Optional[int] = typer.Option(None, "--slots", min=1, help="Jobs at once (default: the scale's)."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
@@ -57,15 +59,18 @@ def report(
     out: Path = typer.Option(Path("docs/results.md"), "--out", help="Markdown report."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="PNG directory (default: <out dir>/results)."),
     note: str = typer.Option("", "--note", help="A paragraph added under the report's header."),
+    config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP + " Its tasks without results are "
+                                                                 "listed as not run."),
 ) -> None:
     """Tables (mean ± std over seeds), plots and one verdict per claim, from the sweep aggregation."""
     from tenslora.repro.report import write_report
+    from tenslora.repro.spec import load_config
 
     if (source is None) == (from_results is None):
         raise ValueError("give a repro directory or --from-results DIR (one of them)")
     plots_dir = plots if plots is not None else out.parent / "results"
     res = write_report(from_results or source, out, plots_dir, from_results=from_results is not None,
-                             note=note)
+                       note=note, config=load_config(config))
     for task, verdicts in res["verdicts"].items():
         for k, (verdict, _) in verdicts.items():
             typer.echo(f"{task}: claim {k}: {verdict}")

@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from tenslora.repro.spec import INDEX_FILE
+from tenslora.io import write_json_atomic
+from tenslora.repro.spec import INDEX_FILE, merge_index
 
 
 def _runs_from_dir(root: Path) -> list[dict]:
@@ -24,15 +25,32 @@ def _runs_from_dir(root: Path) -> list[dict]:
                 run_config = json.loads(config_path.read_text())
             except (OSError, ValueError):
                 run_config = None
-            out.append({"task": index["task"], "name": row["name"], "options": row["options"],
-                        "summary": row["summary"], "config": run_config,
-                        "roles": index["jobs"].get(row["name"], [])})
+            roles = index["jobs"].get(row["name"], [])
+            rec = {"task": index["task"], "name": row["name"], "options": row["options"],
+                   "summary": row["summary"], "config": run_config, "roles": roles}
+            if any(r["experiment"] == "E" for r in roles):  # claim 6: the trained tensor's per-mode spectra
+                rec["mode_metrics"] = _mode_metrics(tdir / "sweep" / "runs" / row["name"] / "best_adapter")
+            out.append(rec)
     return out
 
 
+def _mode_metrics(adapter_dir: Path) -> dict | None:
+    """Per-mode effective ranks of the best-validation adapter (None when it is not there)."""
+    from tenslora.repro.modes import saved_mode_metrics
+
+    return saved_mode_metrics(adapter_dir) if adapter_dir.is_dir() else None
+
+
 def _indexes_from_dir(root: Path) -> dict[str, dict]:
-    indexes = [json.loads(p.read_text()) for p in sorted(Path(root).glob(f"*/{INDEX_FILE}"))]
-    return {index["task"]: index for index in indexes}
+    """Each task's index, with its zero-shot evaluation (``zero_shot.json``) when there is one."""
+    out = {}
+    for p in sorted(Path(root).glob(f"*/{INDEX_FILE}")):
+        index = json.loads(p.read_text())
+        zero = p.parent / "zero_shot.json"
+        if zero.exists():
+            index["zero_shot"] = json.loads(zero.read_text())
+        out[index["task"]] = index
+    return out
 
 
 def collect(root: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
@@ -43,7 +61,11 @@ def collect(root: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
     for task, index in _indexes_from_dir(root).items():
         (dest / task).mkdir(parents=True, exist_ok=True)
         p = dest / task / "_index.json"
-        p.write_text(json.dumps(index, indent=1, default=str) + "\n")
+        old = json.loads(p.read_text()) if p.exists() else None  # results of other experiments stay listed
+        merged = merge_index(old, index)
+        if old and old.get("zero_shot") and not index.get("zero_shot"):
+            merged["zero_shot"] = old["zero_shot"]
+        write_json_atomic(p, merged)
         written.append(p)
     for run_rec in _runs_from_dir(root):
         p = dest / run_rec["task"] / f"{run_rec['name']}.json"

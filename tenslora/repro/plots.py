@@ -102,4 +102,26 @@ def _plot_c(task: str, metric: str, entries: list[dict], path: Path) -> Path:
                  title=f"C: rank allocation (att_qkv_depth Tucker) — {task}", grid_axis="y")
 
 
+def plot_grid(task: str, metric: str, values: dict[str, dict[float, float | None]], chosen: dict[str, float],
+              path: Path) -> Path:
+    """D's grid: the validation ``metric`` against the learning rate, one line per configuration
+    (``values[label][lr]``; None or NaN left out), the chosen rate circled."""
+    import math
+
+    fig, ax = _figure((8, 5))
+    for label, pts in values.items():
+        xs = sorted(lr for lr, v in pts.items() if v is not None and not math.isnan(v))
+        if not xs:
+            continue
+        style = "s-" if label.startswith("lora") else "o--" if label.endswith("/cp") else "o-"
+        line, = ax.plot(xs, [pts[x] for x in xs], style, markersize=4, linewidth=1, label=label)
+        lr = chosen.get(label)
+        if lr in pts and pts[lr] is not None and not math.isnan(pts[lr]):
+            ax.plot([lr], [pts[lr]], "o", markersize=11, markerfacecolor="none", color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (one seed per rate; circled: the chosen rate)")
+    return _save(fig, ax, path, ylabel=f"{metric} (best-validation checkpoint)",
+                 title=f"D: learning-rate grid, chosen on validation — {task}")
+
+
 PLOTS = {"A": _plot_a, "B": _plot_b, "C": _plot_c}  # experiment -> plot(task, metric, entries, path)

@@ -95,6 +95,7 @@ def write_plan(config: dict, scale: str, item: dict, selection: dict | None) -> 
                          {"construction": tune["layers"]["construction"], "lr_from": tune["layers"]["lr_from"],
                           "arms": {str(r): e["ranks"] for r, e in tune["layers"]["arms"].items()}},
                          "selection": selection or {}, "test_options": tune["test_options"],
+                         "seeds": task_seeds(config, scale, task),
                          "tuned_options": tune["tuned_options"]}
     index = {"scale": scale, "task": task["name"], "kind": task["kind"], "metric": task["metric"],
              "metrics": task.get("metrics") or [task["metric"]], "base": spec["base"],
@@ -130,6 +131,36 @@ def _merge_index(path: Path, index: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(merge_index(old, index), indent=1, default=str))
     os.replace(tmp, path)
+
+
+ZERO_SHOT_FILE = "zero_shot.json"
+# the train options that `tenslora zero-shot` shares: the model and the same held-out test split
+ZERO_SHOT_KEYS = ("model", "task", "max_length", "eval_batch_size", "data_seed", "eval_samples", "validation_size",
+                  "test_size")
+
+
+def run_zero_shot(item: dict, console: Any = None) -> Path:
+    """The base model without an adapter on the reported runs' test split (``tenslora zero-shot --json``),
+    cached in ``<task dir>/zero_shot.json`` (atomic; a finished evaluation is never rerun)."""
+    import subprocess
+
+    from tenslora.io import write_json_atomic
+    from tenslora.sweep.spec import option_args, resolve_command
+
+    path = item["dir"] / ZERO_SHOT_FILE
+    if path.exists():
+        return path
+    tune = item["tuning"] or {"tuned_options": {}, "test_options": {}}
+    opts = {**item["task"]["base"], **tune["tuned_options"], **tune["test_options"]}
+    argv = [*resolve_command(["tenslora", "zero-shot"]), "--json", "--split", "test",
+            *option_args({k: opts[k] for k in ZERO_SHOT_KEYS if k in opts})]
+    if console is not None:
+        console.print(f"{item['task']['name']}: zero-shot evaluation: {' '.join(argv)}", soft_wrap=True)
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"zero-shot evaluation failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    write_json_atomic(path, {"argv": argv[1:], "metrics": json.loads(done.stdout)})
+    return path
 
 
 def _run_sweep(config: dict, scale: str, item: dict, slots: int | None, console: Any) -> dict[str, int]:
@@ -171,6 +202,8 @@ def run(config: dict, scale: str, experiments: Sequence[str], kinds: Sequence[st
             if item["tuning"] is not None:
                 out[name]["phase-2 jobs after the selection"] = phase2_jobs(config, scale, item)
             continue
+        if item["task"].get("zero_shot"):
+            run_zero_shot(item, console)
         counts = _run_sweep(config, scale, item, slots, console)
         if item["tuning"] is not None:
             selection = select_task(item)

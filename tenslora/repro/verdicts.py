@@ -65,31 +65,65 @@ def _cmp_text(name_a: str, a: Stat | None, name_b: str, b: Stat | None) -> str:
     return f"{name_a} {a.fmt()} vs {name_b} {b.fmt()}: difference {diff:+.4f}, pooled std {p} -> {verdict}"
 
 
-CLAIM_EXPERIMENT = {1: "A", 2: "A", 3: "B", 4: "B", 5: "C"}
+CLAIM_EXPERIMENT = {1: "A", 2: "A", 3: "B", 4: "B", 5: "C", 6: "E"}
 CLAIMS = {
     1: "qkv_depth and att_qkv_depth (Tucker) beat PEFT LoRA at equal parameters (LoRA r=2)",
     2: "the heads mode (att) is the least useful construction",
     3: "a larger core lambda improves the metric (lambda 16 > lambda 1) and beats the uniform-lr controls",
     4: "a LoRA+ ratio > 1 helps LoRA",
     5: "rank allocation by metrics beats uniform ranks and its reverse at equal budget",
+    6: "the layers mode has a low effective rank: its rank can drop from 4 to 2 without accuracy loss",
 }
+TUNED_CLAIMS = (1, 2)  # re-judged at each method's own learning rate (experiment D)
 
 
-def claim_verdicts(stats: Mapping[str, Stat], claims_config: Mapping[str, Any] | None = None) -> dict[int, tuple[str, str]]:
+def no_loss(a: Stat | None, b: Stat | None) -> tuple[str, float | None, float | None]:
+    """Does ``a`` lose nothing against ``b``? ``did not hold`` if ``b - a >= pooled std``, ``held`` if not (with
+    at least two seeds a side), else ``inconclusive``. A non-inferiority reading of :func:`compare`: a small
+    difference counts for the claim, so a large pooled std makes ``held`` weak (the std is printed)."""
+    verdict, diff, pooled = compare(b, a)
+    if verdict == HELD:
+        return NOT_HELD, None if diff is None else -diff, pooled
+    if pooled is None:
+        return INCONCLUSIVE, None if diff is None else -diff, pooled
+    return HELD, -diff, pooled
+
+
+def claim6_verdict(stats: Mapping[str, Stat], effective: Mapping[int, Stat] | None = None) -> tuple[str, str]:
+    """Claim 6 from ``E:layers=<r>`` statistics (rank 2 against rank 4), with the layers mode's measured
+    effective rank ``exp(SVD entropy)`` per arm in the sentence when ``effective`` has it."""
+    low, high = stats.get("E:layers=2"), stats.get("E:layers=4")
+    if low is None or high is None:
+        return INCONCLUSIVE, f"{INCONCLUSIVE}: layers rank 2 or 4 has no finished runs."
+    verdict, diff, pooled = no_loss(low, high)
+    p = "n/a (fewer than 2 seeds)" if pooled is None else f"{pooled:.4f}"
+    text = (f"layers rank 2 {low.fmt()} vs layers rank 4 {high.fmt()}: difference {diff:+.4f}, pooled std {p} "
+            f"-> {verdict} (held: rank 2 is not below rank 4 by a pooled std or more)")
+    eff = [f"rank {r}: {effective[r].fmt(2)}" for r in (4, 2) if effective and effective.get(r) is not None]
+    if eff:
+        text += "; measured effective rank of the layers mode (exp of its SVD entropy, best-validation adapter) " \
+                + ", ".join(eff)
+    return verdict, f"{verdict}: {text}."
+
+
+
+def claim_verdicts(stats: Mapping[str, Stat], claims_config: Mapping[str, Any] | None = None, *,
+                   baseline: str = "lora r=2") -> dict[int, tuple[str, str]]:
     """``{claim: (verdict, sentence)}`` from per-configuration statistics of one task and metric.
 
     ``stats`` keys: ``A:lora r=2``, ``A:<construction>/<tucker|cp>``, ``B:lambda:<c>:<lambda>``,
-    ``B:control:<c>:<mult>``, ``B:loraplus:<ratio>``, ``C:<arm>:lora:<k>``. Missing keys make the
-    affected comparisons inconclusive.
+    ``B:control:<c>:<mult>``, ``B:loraplus:<ratio>``, ``C:<arm>:lora:<k>``, ``E:layers=<r>``. Missing
+    keys make the affected comparisons inconclusive. ``baseline``: claim 1's LoRA (``A:<baseline>``).
     """
     g = stats.get
     out: dict[int, tuple[str, str]] = {}
     # 1
     parts, texts = [], []
+    lora_base = g(f"A:{baseline}")
     for c in ("qkv_depth", "att_qkv_depth"):
-        v, _, _ = compare(g(f"A:{c}/tucker"), g("A:lora r=2"))
+        v, _, _ = compare(g(f"A:{c}/tucker"), lora_base)
         parts.append(v)
-        texts.append(_cmp_text(f"{c}/tucker", g(f"A:{c}/tucker"), "LoRA r=2", g("A:lora r=2")))
+        texts.append(_cmp_text(f"{c}/tucker", g(f"A:{c}/tucker"), baseline.replace("lora", "LoRA"), lora_base))
     v = combine_all(parts)
     out[1] = (v, f"{v}: " + "; ".join(texts) + ".")
     # 2
@@ -147,6 +181,7 @@ def claim_verdicts(stats: Mapping[str, Stat], claims_config: Mapping[str, Any] |
         texts.append(f"{b}: " + _cmp_text("auto", auto, "uniform", uni) + "; " + _cmp_text("auto", auto, "reverse", rev))
     v = combine_all(parts) if parts else INCONCLUSIVE
     out[5] = (v, f"{v}: " + ("; ".join(texts) if texts else "no allocation runs") + ".")
+    out[6] = claim6_verdict(stats)
     return out
 
 
