@@ -10,8 +10,8 @@ from tenslora.repro.match import imbalance, lora_count, match_ranks
 from tenslora.repro.plan import generate, job_roles, plan_task, sweep_dict
 from tenslora.repro.report import EXP_TITLES, write_report
 from tenslora.repro.run import run
-from tenslora.repro.spec import (EXPERIMENTS, INDEX_FILE, REPO_ROOT, load_config, make_shape, model_shape_for,
-                                 scale_tasks)
+from tenslora.repro.spec import (INDEX_FILE, REPO_ROOT, load_config, make_shape, model_shape_for, scale_tasks)
+from tenslora.repro.spec import STATIC_EXPERIMENTS as EXPERIMENTS  # A, B, C (D and E: test_repro_lrgrid.py)
 from tenslora.repro.verdicts import (CLAIMS, HELD, INCONCLUSIVE, NOT_HELD, Stat, claim_verdicts, combine_all, compare,
                                      pooled_std)
 
@@ -97,7 +97,7 @@ def test_claim_verdicts_on_known_numbers():
     assert claim_verdicts({**stats, "C:uniform:lora:2": _s(0.725)})[5][0] == INCONCLUSIVE
     assert claim_verdicts({**stats, "C:uniform:lora:2": _s(0.75)})[5][0] == NOT_HELD
     empty = claim_verdicts({})
-    assert set(empty) == {1, 2, 3, 4, 5} and all(x[0] == INCONCLUSIVE for x in empty.values())
+    assert set(empty) == {1, 2, 3, 4, 5, 6} and all(x[0] == INCONCLUSIVE for x in empty.values())
 
 
 # -- the repro file and the generated sweeps -----------------------------------------------------------
@@ -182,8 +182,8 @@ def test_repro_miniature_end_to_end(tmp_path, text_model):  # noqa: F811
     out = tmp_path / "docs" / "results.md"
     res = write_report(root, out, tmp_path / "docs" / "results")
     md = out.read_text()
-    for title in EXP_TITLES.values():
-        assert f"### {title}" in md
+    for exp in EXPERIMENTS:
+        assert f"### {EXP_TITLES[exp]}" in md
     assert len(res["plots"]) == 3 and all(p.stat().st_size > 1000 for p in res["plots"])
     for k in CLAIMS:
         assert sum(line.startswith(f"- **Claim {k}**") for line in md.splitlines()) == 1

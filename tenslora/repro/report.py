@@ -299,7 +299,7 @@ def write_report(source: str | os.PathLike, out_md: str | os.PathLike, plots_dir
             n_missing = len(set(data["expected"]) - set(data["done"]))
             sec.append(f"{len(data['done'])} of {len(data['expected'])} jobs done"
                        + (f" (missing: {n_missing})" if n_missing else "") + ".\n")
-            if exp == "D":
+            if exp == "D" and tune:
                 lines, ps = section_d(task, index, data, by_name, tables["metrics"], plots_dir, rel)
                 sec.extend(lines)
                 plots.extend(ps)
@@ -347,9 +347,9 @@ def write_report(source: str | os.PathLike, out_md: str | os.PathLike, plots_dir
                 v[f"{k} (tuned)"] = tuned[k]
         verdicts[task] = v
         sec.append("### Verdicts on the earlier claims\n")
-        sec.append(f"Metric `{metric}`; a difference smaller than the pooled std over seeds is inconclusive. "
-                   "Claims 1 and 2 are judged twice when D ran: at the one recipe of A (lr 1e-3) and at each "
-                   "method's own tuned rate (\"tuned\", D's runs).\n")
+        sec.append(f"Metric `{metric}`; a difference smaller than the pooled std over seeds is inconclusive."
+                   + (" Claims 1 and 2 are judged twice: at A's one recipe and at each method's own tuned rate "
+                      "(D's runs)." if "D" in ran and tune else "") + "\n")
         for k, (verdict, sentence) in v.items():
             num = int(str(k).split()[0])
             at = " at tuned rates" if isinstance(k, str) else ""

@@ -90,21 +90,22 @@ def no_loss(a: Stat | None, b: Stat | None) -> tuple[str, float | None, float | 
 
 
 def claim6_verdict(stats: Mapping[str, Stat], effective: Mapping[int, Stat] | None = None) -> tuple[str, str]:
-    """Claim 6 from ``E:layers=<r>`` statistics (rank 2 against rank 4), with the layers mode's measured
-    effective rank ``exp(SVD entropy)`` per arm in the sentence when ``effective`` has it."""
-    low, high = stats.get("E:layers=2"), stats.get("E:layers=4")
-    if low is None or high is None:
-        return INCONCLUSIVE, f"{INCONCLUSIVE}: layers rank 2 or 4 has no finished runs."
+    """Claim 6 from ``E:layers=<r>`` statistics: the smallest layers rank (2) against the largest (4), with the
+    layers mode's measured effective rank ``exp(SVD entropy)`` per arm in the sentence when ``effective`` has it."""
+    ranks = sorted(int(k.split("=", 1)[1]) for k in stats if k.startswith("E:layers="))
+    if len(ranks) < 2:
+        return INCONCLUSIVE, f"{INCONCLUSIVE}: fewer than two layers ranks have finished runs."
+    lo, hi = ranks[0], ranks[-1]
+    low, high = stats[f"E:layers={lo}"], stats[f"E:layers={hi}"]
     verdict, diff, pooled = no_loss(low, high)
     p = "n/a (fewer than 2 seeds)" if pooled is None else f"{pooled:.4f}"
-    text = (f"layers rank 2 {low.fmt()} vs layers rank 4 {high.fmt()}: difference {diff:+.4f}, pooled std {p} "
-            f"-> {verdict} (held: rank 2 is not below rank 4 by a pooled std or more)")
-    eff = [f"rank {r}: {effective[r].fmt(2)}" for r in (4, 2) if effective and effective.get(r) is not None]
+    text = (f"layers rank {lo} {low.fmt()} vs layers rank {hi} {high.fmt()}: difference {diff:+.4f}, pooled std {p} "
+            f"-> {verdict} (held: rank {lo} is not below rank {hi} by a pooled std or more)")
+    eff = [f"rank {r}: {effective[r].fmt(2)}" for r in (hi, lo) if effective and effective.get(r) is not None]
     if eff:
         text += "; measured effective rank of the layers mode (exp of its SVD entropy, best-validation adapter) " \
                 + ", ".join(eff)
     return verdict, f"{verdict}: {text}."
-
 
 
 def claim_verdicts(stats: Mapping[str, Stat], claims_config: Mapping[str, Any] | None = None, *,
