@@ -15,14 +15,21 @@ through the local scheduler (resumable), and writes ``docs/results.md`` from the
   needs a probe run (:func:`tenslora.train.probe.allocate`, the rule behind ``--ranks auto``); it runs
   once per task (seed 0) before the sweep and its ranks are written into the sweep as explicit ranks.
 
+* D — A at each method's own learning rate (issue 14): phase 1 runs a grid of rates with one seed, the
+  rate is chosen on validation only (:mod:`tenslora.repro.select`, stored in ``selected_lr.json``), phase 2
+  runs every seed at the chosen rate; claims 1 and 2 are judged again on it.
+* E — claim 6: the layers-mode rank 4 vs 2 at D's tuned rate, with the measured effective rank of the
+  layers mode (:mod:`tenslora.repro.modes`, from the saved best-validation adapter).
+
 Jobs that several experiments share (A's matched Tucker run is B's lambda = 1 and, when the ranks agree,
 C's uniform arm) run once: one sweep per task, duplicates removed. Each job's roles (which experiment,
 which arm) are stored in ``<dir>/<task>/repro_index.json`` and copied by ``collect``.
 
 Modules, one job each, in the order data flows: ``spec`` (the repro file, tasks, model shapes),
 ``match`` (ranks matched to a LoRA parameter count), ``plan`` (configurations and roles -> sweep files,
-and the committed generated files), ``run`` (the allocation probe, then the sweeps), ``collect``
-(finished runs -> ``benchmarks/results``), ``verdicts`` (statistics and one verdict per claim),
+and the committed generated files), ``select`` (D's learning rate from its grid, on validation), ``run``
+(the allocation probe, then the sweeps, in two phases with D or E), ``modes`` (per-mode effective ranks of
+a saved adapter), ``collect`` (finished runs -> ``benchmarks/results``), ``verdicts`` (statistics and one verdict per claim),
 ``plots`` and ``report`` (``docs/results.md``). This package module imports nothing; import the
 sub-modules you need.
 """
