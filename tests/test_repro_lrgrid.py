@@ -282,3 +282,19 @@ def test_saved_mode_metrics_match_the_full_tensor_unfoldings(tmp_path, bert, con
         lora = get_adapted_model(__import__("conftest").tiny_bert(), TensLoRAConfig(construction="lora", ranks=2))
         lora.save_adapter(tmp_path / "lora")
         saved_mode_metrics(tmp_path / "lora")
+
+
+def test_cli_dry_run_counts_both_phases_and_refuses_a_bad_experiment(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "tenslora", "repro", "run", "--scale", "cpu", "--tasks", "text", "--dir",
+           str(tmp_path / "r"), "--dry-run"]
+    done = subprocess.run([*cmd, "--experiments", "D,E"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "tweets: 80 jobs, 54 phase-2 jobs after the selection" in done.stdout
+    assert not (tmp_path / "r" / "tweets" / SELECTION_FILE).exists()  # nothing ran, nothing selected
+    bad = subprocess.run([*cmd, "--experiments", "D,F"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == "error: experiment 'F' is not allowed; allowed: A, B, C, D, E"

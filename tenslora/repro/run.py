@@ -158,7 +158,8 @@ def run_zero_shot(item: dict, console: Any = None) -> Path:
         console.print(f"{item['task']['name']}: zero-shot evaluation: {' '.join(argv)}", soft_wrap=True)
     done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
-        raise RuntimeError(f"zero-shot evaluation failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+        raise ValueError(f"zero-shot evaluation of {item['task']['name']!r} failed (exit {done.returncode}; it needs "
+                         f"causal-LM support, `tenslora zero-shot`): {done.stderr.strip()[-2000:]}")
     write_json_atomic(path, {"argv": argv[1:], "metrics": json.loads(done.stdout)})
     return path
 
