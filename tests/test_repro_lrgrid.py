@@ -198,6 +198,23 @@ def test_two_phase_run_selects_on_validation_and_resumes(tmp_path):
     assert v[6][0] == HELD  # the fake gives both layers ranks the same numbers
     assert "PARTIAL" not in md and "validation 500, test 2,000" in md
 
+    # collect merges into results that already hold other experiments (A's index stays, with its jobs)
+    from tenslora.repro.collect import collect
+
+    results = tmp_path / "results"
+    (results / "fake-text").mkdir(parents=True)
+    old = {**index, "experiments": ["A"], "jobs": {"construction=lora,ranks=2,seed=0": [
+        {"experiment": "A", "label": "lora r=2", "construction": "lora", "factorization": "lora"}]}, "tuning": None}
+    (results / "fake-text" / "_index.json").write_text(json.dumps(old))
+    collect(root, results)
+    merged = json.loads((results / "fake-text" / "_index.json").read_text())
+    assert merged["experiments"] == ["A", "D", "E"] and len(merged["jobs"]) == 25
+    assert merged["tuning"]["selection"]["lora r=2"]["lr"] == 1e-3
+    res = write_report(results, out, tmp_path / "docs" / "results", from_results=True)
+    md2 = out.read_text()
+    assert "PARTIAL RESULTS" in md2 and "construction=lora,ranks=2,seed=0" in md2  # A's run is not there
+    assert res["verdicts"]["fake-text"]["1 (tuned)"][0] == HELD
+
 
 # -- the real trainer, tiny: grid, selection, seeds, effective rank of the layers mode ---------------
 tu = pytest.importorskip("test_train_utils")

@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-from tenslora.io import write_json_atomic
 from tenslora.repro.spec import INDEX_FILE, merge_index
 
 
@@ -65,7 +64,9 @@ def collect(root: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
         merged = merge_index(old, index)
         if old and old.get("zero_shot") and not index.get("zero_shot"):
             merged["zero_shot"] = old["zero_shot"]
-        write_json_atomic(p, merged)
+        tmp = p.with_name(p.name + ".tmp")  # atomic, in the committed files' format (key order kept)
+        tmp.write_text(json.dumps(merged, indent=1, default=str) + "\n")
+        os.replace(tmp, p)
         written.append(p)
     for run_rec in _runs_from_dir(root):
         p = dest / run_rec["task"] / f"{run_rec['name']}.json"
