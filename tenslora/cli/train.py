@@ -17,7 +17,7 @@ import typer
 
 from tenslora.train.config import TrainConfig
 
-SUMMARY_KEYS = ("accuracy", "macro_f1", "mcc", "f1", "pearson", "spearman")
+SUMMARY_KEYS = ("accuracy", "macro_f1", "mcc", "f1", "pearson", "spearman", "perplexity")
 
 
 def _option_type(tp):
@@ -93,20 +93,26 @@ def predict_command(
     file: Annotated[Optional[Path], typer.Option(help="read inputs from this file, one per line")] = None,
     adapter: Annotated[str, typer.Option(help="best or final")] = "best",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="causal LM: tokens to generate per prompt "
+                                                         "(default: the longest label + 2, or 64)")] = None,
 ) -> None:
-    """Label texts or images with a saved adapter (label names and probabilities)."""
+    """Label texts or images with a saved adapter (label names and probabilities); a causal-LM run
+    generates a response to each prompt (greedy)."""
     from tenslora.train.evaluate import predict
     items = list(inputs or [])
     if file is not None:
         if not file.is_file():
             raise FileNotFoundError(f"input file {file} does not exist")
         items += [line for line in file.read_text(errors="replace").splitlines() if line.strip()]
-    results = predict(run_dir, texts=None if images else items, images=items if images else None, adapter=adapter)
+    results = predict(run_dir, texts=None if images else items, images=items if images else None, adapter=adapter,
+                      max_new_tokens=max_new_tokens)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return
     for r in results:
-        if "label" in r:
+        if "generation" in r:
+            typer.echo(f"{r['generation']}\t{r['input']}")
+        elif "label" in r:
             typer.echo(f"{r['label']}\t{r['probability']:.3f}\t{r['input']}")
         else:
             typer.echo(f"{r['prediction']:.4f}\t{r['input']}")
