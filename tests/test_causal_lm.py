@@ -143,7 +143,7 @@ def test_tweets_switch_to_instructions_for_a_causal_lm(llm_dir):
 
 def test_label_metrics():
     from tenslora.train.generation import label_metrics
-    m = label_metrics(["yes", "no", "maybe", "yes"], ["yes", "no", "no", "no"])
+    m = label_metrics([" Yes.", "no", "maybe", "yes"], ["yes", "no", "no", "No"])
     # yes: P 1/2 R 1 F 2/3; no: P 1 R 1/3 F 1/2 ("maybe" is no class of its own)
     assert m["accuracy"] == 0.5 and m["macro_f1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
 

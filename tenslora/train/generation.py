@@ -4,12 +4,14 @@
   next-token shift); perplexity = exp(loss).
 * when the responses are labels (``num_labels > 0``): each prompt (the tokens before the first labelled one)
   is generated from greedily, left-padded, ``max_new_tokens`` = the longest gold response in tokens + 1;
-  the decoded text (special tokens skipped, whitespace stripped) is compared to the gold response:
+  the decoded text (special tokens skipped) is compared to the gold response after :func:`normalize`
+  (case-folded, surrounding whitespace and punctuation stripped: "Positive." matches "positive"):
   exact-match accuracy and macro-F1 over the gold classes (an answer outside them counts as wrong).
 """
 from __future__ import annotations
 
 import math
+import string
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +53,15 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     return texts
 
 
+def normalize(text: str) -> str:
+    """``"  Positive. "`` -> ``"positive"``: case-folded, surrounding whitespace and punctuation stripped."""
+    return text.strip(string.whitespace + string.punctuation).casefold()
+
+
 def label_metrics(preds: list[str], golds: list[str]) -> dict[str, float]:
-    """Exact-match accuracy and macro-F1 over the gold classes."""
+    """Exact-match accuracy and macro-F1 over the gold classes, on :func:`normalize`\ d texts."""
     from sklearn.metrics import f1_score
+    preds, golds = [normalize(p) for p in preds], [normalize(g) for g in golds]
     classes = sorted(set(golds))
     return {"accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds),
             "macro_f1": float(f1_score(golds, preds, labels=classes, average="macro", zero_division=0))}
