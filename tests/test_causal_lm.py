@@ -190,8 +190,23 @@ QUICK = ["--max-steps", "3", "--batch-size", "4", "--eval-batch-size", "8", "--n
          "--lr", "1e-2", "--max-length", "32"]
 
 
-@pytest.mark.parametrize("construction", ["att_depth", "lora"])
+def _refuses_gqa(construction: str, path) -> bool:
+    """Before grouped-query attention support, the qkv-stacked constructions refuse GQA models."""
+    from tenslora import TensLoRAConfig, get_adapted_model
+    from tenslora.train.causal_model import load_causal_lm
+    try:
+        get_adapted_model(load_causal_lm(str(path)), TensLoRAConfig(construction=construction, ranks=2))
+    except ValueError as exc:
+        if "widths differ" in str(exc):
+            return True
+        raise
+    return False
+
+
+@pytest.mark.parametrize("construction", ["att_depth", "lora", "qkv_depth"])
 def test_cli_train_evaluate_predict(tmp_path, capsys, llm_dir, construction):
+    if construction.startswith("qkv") and _refuses_gqa(construction, llm_dir):
+        pytest.skip(f"{construction} does not support grouped-query attention in this tree yet")
     data = write_jsonl(tmp_path / "qa.jsonl", qa_records(40))
     run = tmp_path / "run"
     code, out, err = run_cli(["train", "--task", data, "--model", llm_dir, "--construction", construction,
