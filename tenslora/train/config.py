@@ -22,9 +22,11 @@ def _opt(default, help: str, group: str = "", **extra):
 @dataclass
 class TrainConfig:
     # what ---------------------------------------------------------------------------------------
-    model: str = _opt("minilm", "Hugging Face model id, local directory, or a short offline name (minilm, dinov2-small)")
+    model: str = _opt("minilm", "Hugging Face model id, local directory, or a short offline name (minilm, dinov2-small, "
+                     "smollm2)")
     task: str = _opt("tweets", "task name (tweets, cola, sst2, mrpc, qnli, rte, stsb, fashion-mnist, eurosat, dtd, "
-                     "cifar10, ...), a CSV/JSONL file, or an image folder")
+                     "cifar10, ..., tweets-instruct for causal LMs, chosen for tweets when the model is one), a CSV/JSONL "
+                     "file, a JSONL prompt/response or messages file or a .txt file (causal LM), or an image folder")
     train_file: str | None = _opt(None, "training CSV/JSONL file (instead of --task)")
     validation_file: str | None = _opt(None, "validation CSV/JSONL file")
     test_file: str | None = _opt(None, "test CSV/JSONL file")

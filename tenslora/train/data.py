@@ -61,14 +61,21 @@ def image_collate(batch: list[dict]) -> dict:
 
 
 def make_dataset(split: Split, kind: str, preprocessor, max_length: int, regression: bool) -> Dataset:
+    if kind == "causal":
+        from tenslora.train.causal_data import CausalDataset
+        return CausalDataset(split, preprocessor, max_length)
     if kind == "text":
         return TextDataset(split, preprocessor, max_length, regression)
     return ImageDataset(split, preprocessor, regression)
 
 
 def make_collator(kind: str, preprocessor, extra: dict | None = None):
-    """Text: pad each batch to its longest example. Images: stack. ``extra``: constant forward kwargs."""
-    if kind == "text":
+    """Text: pad each batch to its longest example (causal: labels -100 on padding). Images: stack.
+    ``extra``: constant forward kwargs."""
+    if kind == "causal":
+        from tenslora.train.causal_data import CausalCollator
+        collate = CausalCollator(preprocessor)
+    elif kind == "text":
         from transformers import DataCollatorWithPadding
         collate = DataCollatorWithPadding(preprocessor)
     else:

@@ -13,7 +13,11 @@ from tenslora.train.metrics import compute_metrics
 
 @torch.no_grad()
 def evaluate_loader(model, loader, accelerator, problem_type: str, num_labels: int) -> dict[str, float]:
-    """Metrics and mean loss over the whole split (gathered across processes, duplicates dropped)."""
+    """Metrics and mean loss over the whole split (gathered across processes, duplicates dropped).
+    Problem type ``generation`` (causal LMs): :func:`tenslora.train.generation.evaluate_causal`."""
+    if problem_type == "generation":
+        from tenslora.train.generation import evaluate_causal
+        return evaluate_causal(model, loader, accelerator, num_labels)
     was_training = model.training
     model.eval()
     outputs, labels = [], []
@@ -104,12 +108,23 @@ def evaluate_run(run_dir: str | Path, split: str = "test", adapter: str = "best"
 
 @torch.no_grad()
 def predict(run_dir: str | Path, *, texts: list[str] | None = None, images: list[str] | None = None,
-            adapter: str = "best", batch_size: int = 32) -> list[dict]:
-    """Label texts (``"a [SEP] b"`` is not split: give pairs as ``(a, b)`` tuples) or image files."""
+            adapter: str = "best", batch_size: int = 32, max_new_tokens: int | None = None) -> list[dict]:
+    """Label texts (``"a [SEP] b"`` is not split: give pairs as ``(a, b)`` tuples) or image files.
+    A causal-LM run generates from each text as a prompt (greedy, ``max_new_tokens``; default: enough for
+    the longest label, or 64) and returns ``{"input", "generation"}``."""
     from tenslora.train.data import make_collator, make_dataset
     from tenslora.train.tasks.base import Rows, Split
 
     cfg, run = load_saved(run_dir, adapter, with_data=False)
+    if run.kind == "causal":
+        from tenslora.train.generation import default_max_new_tokens, predict_causal
+        if images or not texts:
+            raise ValueError("this run is a causal LM: give prompts as texts" + (", not --images" if images else ""))
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        return predict_causal(run.adapted, run.preprocessor, [t if isinstance(t, str) else " ".join(t) for t in texts],
+                              max_new_tokens or default_max_new_tokens(run.preprocessor, run.label_names),
+                              batch_size)
     if run.kind == "text":
         if images:
             raise ValueError("this run is a text classifier: give texts, not --images")

@@ -7,7 +7,8 @@ import numpy as np
 
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc")
 REGRESSION_METRICS = ("pearson", "spearman", "mse")
-LOWER_IS_BETTER = {"loss", "mse"}
+GENERATION_METRICS = ("perplexity",)  # plus accuracy and macro_f1 of greedy generations when responses are labels
+LOWER_IS_BETTER = {"loss", "mse", "perplexity"}
 MAIN_METRIC = {"classification": "macro_f1", "regression": "pearson"}  # when the task names none that fits (else loss)
 
 
@@ -48,6 +49,8 @@ def compute_metrics(problem_type: str, outputs, labels, num_labels: int | None =
 
 def metric_names(problem_type: str, num_labels: int | None = None) -> tuple[str, ...]:
     """What :func:`compute_metrics` (plus the evaluation loss) reports for a task."""
+    if problem_type == "generation":
+        return (*GENERATION_METRICS, *(("accuracy", "macro_f1") if num_labels else ()), "loss")
     if problem_type == "regression":
         return (*REGRESSION_METRICS, "loss")
     return (*CLASSIFICATION_METRICS, *(("f1",) if num_labels == 2 else ()), "loss")

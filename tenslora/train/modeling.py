@@ -54,7 +54,11 @@ def auto_class(kind: str):
 
 
 def load_classifier(path: str, kind: str, num_labels: int, label_names: list[str] | None, problem_type: str):
-    """``AutoModelFor{Sequence,Image}Classification`` with a fresh head of ``num_labels`` outputs."""
+    """``AutoModelFor{Sequence,Image}Classification`` with a fresh head of ``num_labels`` outputs
+    (kind ``causal``: ``AutoModelForCausalLM`` as it is, see :mod:`tenslora.train.causal_model`)."""
+    if kind == "causal":
+        from tenslora.train.causal_model import load_causal_lm
+        return load_causal_lm(path)
     config = load_model_config(path)
     cls = auto_class(kind)
     mapping = cls._model_mapping
@@ -85,6 +89,9 @@ def load_classifier(path: str, kind: str, num_labels: int, label_names: list[str
 
 def load_preprocessor(path: str, kind: str, image_size: int | None = None):
     """The model's own tokenizer, or its image processor (``image_size`` overrides its size)."""
+    if kind == "causal":
+        from tenslora.train.causal_model import load_causal_tokenizer
+        return load_causal_tokenizer(path)
     if kind == "text":
         from transformers import AutoTokenizer
         try:

@@ -30,7 +30,8 @@ class PreparedData:
     test: Split
     label_names: list[str] | None
     num_labels: int
-    problem_type: str  # classification | regression
+    problem_type: str  # classification | regression | generation (a causal-LM task; num_labels 0 unless
+    #                    the responses are labels)
     main_metric: str  # the default --select-metric
 
     def split(self, name: str) -> Split:
@@ -78,6 +79,11 @@ def subsample(split: Split, n: int | None, seed: int, stream: str) -> Split:
 
 
 def infer_problem_type(cfg, task: TaskData, labels: list) -> str:
+    if task.problem_type == "generation":  # a causal-LM task: responses are text, not class ids
+        if cfg.problem_type != "auto":
+            raise ValueError(f"--problem-type {cfg.problem_type} does not apply to the causal-LM task "
+                             f"{task.name!r}; allowed: auto")
+        return "generation"
     if cfg.problem_type != "auto":
         return cfg.problem_type
     if task.problem_type == "regression":
@@ -89,6 +95,9 @@ def infer_problem_type(cfg, task: TaskData, labels: list) -> str:
 
 def encode_labels(splits: dict[str, Split], cfg, task: TaskData) -> tuple[list[str] | None, int, dict[str, Split]]:
     problem = infer_problem_type(cfg, task, splits["train"].labels)
+    if problem == "generation":  # responses stay text; label names (when they are labels) come from the task
+        names = list(task.label_names) if task.label_names else None
+        return names, len(names or ()), splits
     if problem == "regression":
         if cfg.num_labels not in (None, 1):
             raise ValueError(f"--num-labels {cfg.num_labels} does not apply to regression (one output); drop it")
@@ -183,6 +192,7 @@ def prepare(task: TaskData, cfg) -> PreparedData:
               "validation": subsample(splits["validation"], cfg.eval_samples, cfg.data_seed, "eval-samples/validation"),
               "test": subsample(splits["test"], cfg.eval_samples, cfg.data_seed, "eval-samples/test")}
     names, k, splits = encode_labels(splits, cfg, task)
-    problem = "regression" if names is None else "classification"
+    problem = task.problem_type if task.problem_type == "generation" else \
+        "regression" if names is None else "classification"
     return PreparedData(task, splits["train"], splits["validation"], splits["test"], names, k, problem,
                         main_metric(problem, k, task.main_metric))
