@@ -45,6 +45,7 @@ class FactorizedTensor(nn.Module):
     shape: tuple[int, ...]
     single_rank = False  # the config gives one rank for every mode (CP)
     rank_unit = "mode"  # what each config rank belongs to, for messages
+    mode_role = "factor"  # what ``mode_parameters()`` holds, for optimizer group names
 
     @classmethod
     def rank_modes(cls, mode_names: Sequence[str]) -> tuple[str, ...]:
@@ -171,6 +172,7 @@ class TensorTrain(FactorizedTensor):
     """
 
     rank_unit = "bond"
+    mode_role = "core"
 
     def __init__(self, shape: Sequence[int], ranks: Sequence[int], mode_names: Sequence[str],
                  init: str = "orthogonal", generator: torch.Generator | None = None):
