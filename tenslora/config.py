@@ -17,14 +17,15 @@ class TensLoRAConfig:
     """What to adapt and how.
 
     construction: one of ``att, qkv, depth, att_qkv, att_depth, qkv_depth, att_qkv_depth``, ``lora``
-    (the PEFT LoRA baseline) or ``none`` (a linear probe: only the task head trains). factorization: ``tucker`` (one rank per mode), ``cp`` (one rank) or ``tt``
-    (tensor-train: one rank per bond between consecutive modes, ``N - 1`` for ``N`` modes).
+    (the PEFT LoRA baseline) or ``none`` (a linear probe: only the task head trains).
+    factorization: ``tucker`` (one rank per mode), ``cp`` (one rank) or ``tt`` (tensor-train: one rank
+    per bond between consecutive modes, ``N - 1`` for ``N`` modes).
     ranks: an int (all modes/bonds), one int per mode (TT: per bond) in construction order, a
     ``{mode: rank}`` mapping (TT: keyed by the mode on each bond's input side, i.e. every mode but the
     last), or a string like ``"8_8_4_4_2"``. The update is scaled by ``alpha / r`` with ``r`` the
-    input-mode rank (TT: the first bond's, ``r_1``; LoRA's meaning). ``target_modules``: leaf names of the projections to adapt, in ``qkv``
-    order (default: found per architecture). ``modules_to_save``: trainable task-head modules
-    (default: ``classifier``/``score`` where present).
+    input-mode rank (TT: the first bond's, ``r_1``; LoRA's meaning). ``target_modules``: leaf names of
+    the projections to adapt, in ``qkv`` order (default: found per architecture). ``modules_to_save``:
+    trainable task-head modules (default: ``classifier``/``score`` where present).
     """
 
     construction: str = "att_qkv_depth"
