@@ -47,15 +47,21 @@ class StepBench:
                           head_dim)
 
 
+FACTORIZATIONS = ("tucker", "cp", "tt")
+
+
 def typical_ranks(construction: str, factorization: str, bench: StepBench) -> int | tuple[int, ...]:
-    """Rank ``bench.rank`` on every mode, capped by the small modes (heads, qkv, layers)."""
-    if factorization == "cp":
-        return bench.rank
-    return tuple(capped_ranks(bench.rank, mode_sizes(CONSTRUCTIONS[construction], bench.shape())).values())
+    """Tucker: rank ``bench.rank`` on every mode, capped by the small modes (heads, qkv, layers);
+    CP: ``bench.rank``; TT: ``bench.rank`` on every bond, capped by what each bond can use."""
+    from tenslora.tensor.factorized import TensorTrain
+    sizes = mode_sizes(CONSTRUCTIONS[construction], bench.shape())
+    return {"cp": lambda: bench.rank,
+            "tt": lambda: tuple(min(bench.rank, c) for c in TensorTrain.rank_caps(sizes).values()),
+            "tucker": lambda: tuple(capped_ranks(bench.rank, sizes).values())}[factorization]()
 
 
 def default_methods() -> list[str]:
-    return ["base", "lora"] + [f"{c}:{f}" for c in CONSTRUCTIONS for f in ("tucker", "cp")]
+    return ["base", "lora"] + [f"{c}:{f}" for c in CONSTRUCTIONS for f in FACTORIZATIONS]
 
 
 def _model(bench: StepBench):
@@ -153,9 +159,9 @@ def run_all(bench: StepBench, methods: list[str], progress=None) -> list[dict]:
     for method in methods:
         construction, _, factorization = method.partition(":")
         if method != "base" and (construction not in (*CONSTRUCTIONS, "lora")
-                                 or factorization not in ("", "tucker", "cp")):
+                                 or factorization not in ("", *FACTORIZATIONS)):
             raise ValueError(f"unknown benchmark method {method!r}; allowed: base, lora, "
-                             "CONSTRUCTION:tucker or CONSTRUCTION:cp")
+                             "CONSTRUCTION:tucker, CONSTRUCTION:cp or CONSTRUCTION:tt")
     rows = []
     for method in methods:
         cmd = [sys.executable, "-m", "tenslora.bench", method, json.dumps(asdict(bench))]

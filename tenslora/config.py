@@ -17,12 +17,15 @@ class TensLoRAConfig:
     """What to adapt and how.
 
     construction: one of ``att, qkv, depth, att_qkv, att_depth, qkv_depth, att_qkv_depth``, ``lora``
-    (the PEFT LoRA baseline) or ``none`` (a linear probe: only the task head trains). factorization: ``tucker`` (one rank per mode) or ``cp`` (one rank).
-    ranks: an int (all modes), one int per mode in construction order, a ``{mode: rank}`` mapping,
-    or a string like ``"8_8_4_4_2"``. The update is scaled by ``alpha / r`` with ``r`` the input-mode
-    rank (LoRA's meaning). ``target_modules``: leaf names of the projections to adapt, in ``qkv``
-    order (default: found per architecture). ``modules_to_save``: trainable task-head modules
-    (default: ``classifier``/``score`` where present).
+    (the PEFT LoRA baseline) or ``none`` (a linear probe: only the task head trains).
+    factorization: ``tucker`` (one rank per mode), ``cp`` (one rank) or ``tt`` (tensor-train: one rank
+    per bond between consecutive modes, ``N - 1`` for ``N`` modes).
+    ranks: an int (all modes/bonds), one int per mode (TT: per bond) in construction order, a
+    ``{mode: rank}`` mapping (TT: keyed by the mode on each bond's input side, i.e. every mode but the
+    last), or a string like ``"8_8_4_4_2"``. The update is scaled by ``alpha / r`` with ``r`` the
+    input-mode rank (TT: the first bond's, ``r_1``; LoRA's meaning). ``target_modules``: leaf names of
+    the projections to adapt, in ``qkv`` order (default: found per architecture). ``modules_to_save``:
+    trainable task-head modules (default: ``classifier``/``score`` where present).
     """
 
     construction: str = "att_qkv_depth"
@@ -68,17 +71,21 @@ class TensLoRAConfig:
         return get_construction(self.construction).mode_names
 
     def mode_ranks(self) -> dict[str, int]:
-        """``{mode: rank}`` in mode order (CP and LoRA: the same rank for every mode)."""
-        names = self.mode_names
+        """``{mode: rank}`` in mode order (CP and LoRA: the same rank for every mode; TT: one per bond,
+        keyed by the mode on its input side, so every mode but the last)."""
         ranks = self.ranks
         if self.method == "none":
             return {}
-        single = self.method == "lora" or self.factorization == "cp"
+        kind = FACTORIZATIONS[self.factorization]
+        names = self.mode_names if self.method == "lora" else kind.rank_modes(self.mode_names)
+        single = self.method == "lora" or kind.single_rank
+        bonds = self.method != "lora" and kind.rank_unit == "bond"
         if isinstance(ranks, Mapping):
             unknown = set(ranks) - set(names)
             missing = set(names) - set(ranks)
             if unknown or missing:
-                raise ValueError(f"ranks {dict(ranks)} must name exactly the modes {', '.join(names)}")
+                raise ValueError(f"ranks {dict(ranks)} must name exactly the modes {', '.join(names)}"
+                                 + (" (a TT bond is named by the mode on its input side)" if bonds else ""))
             values = [ranks[n] for n in names]
         elif isinstance(ranks, int):
             values = [ranks] * len(names)
@@ -87,7 +94,11 @@ class TensLoRAConfig:
             if single and len(values) == 1:
                 values = values * len(names)
             if len(values) != len(names):
-                what = "one rank" if single else f"one rank per mode ({', '.join(names)})"
+                what = f"one rank per mode ({', '.join(names)})"
+                if single:
+                    what = "one rank"
+                elif bonds:
+                    what = f"{len(names)} bond ranks, one per pair of consecutive modes ({', '.join(self.mode_names)})"
                 raise ValueError(f"ranks {tuple(ranks)} have the wrong length for {self.construction}/"
                                  f"{self.factorization}: expected {what}")
         for name, value in zip(names, values):
@@ -129,9 +140,10 @@ def parse_ranks(text: str) -> int | tuple[int, ...]:
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def warn_ranks_above_sizes(ranks: Mapping[str, int], sizes: Mapping[str, int], what: str = "") -> None:
-    """A rank above its mode's size adds parameters but no capacity: warn once per mode."""
+def warn_ranks_above_sizes(ranks: Mapping[str, int], sizes: Mapping[str, int], what: str = "",
+                           limit: str = "its size") -> None:
+    """A rank above its mode's size (or another ``limit``) adds parameters but no capacity: warn once per mode."""
     for mode, rank in ranks.items():
         if mode in sizes and rank > sizes[mode]:
-            warnings.warn(f"{what}rank {rank} of mode {mode!r} exceeds its size {sizes[mode]}: "
+            warnings.warn(f"{what}rank {rank} of mode {mode!r} exceeds {limit} {sizes[mode]}: "
                           "it adds parameters but no capacity", stacklevel=3)

@@ -201,14 +201,11 @@ class TensLoRAModel(AdaptedModel):
         device = next(iter(model.parameters())).device
         # build everything first; the model is modified only once nothing can fail
         self.adapters = nn.ModuleDict()
+        kind = FACTORIZATIONS[config.factorization]
         for name, sizes in layout.items():
-            if config.factorization == "tucker":
-                warn_ranks_above_sizes({m: ranks[m] for m in sizes}, sizes, f"tensor {name!r}: ")
-                tensor = FACTORIZATIONS["tucker"](list(sizes.values()), [ranks[m] for m in sizes], list(sizes),
-                                                  init=config.init, generator=adapter_generator(config.seed, name))
-            else:
-                tensor = FACTORIZATIONS["cp"](list(sizes.values()), ranks["input"], list(sizes),
-                                              init=config.init, generator=adapter_generator(config.seed, name))
+            warn_ranks_above_sizes(ranks, kind.rank_caps(sizes), f"tensor {name!r}: ",
+                                   "its size" if kind.rank_unit == "mode" else "what its bond can use,")
+            tensor = kind.from_mode_ranks(sizes, ranks, config.init, adapter_generator(config.seed, name))
             self.adapters[name] = TensorAdapter(tensor, construction, columns if construction.qkv else None).to(device)
         self.layers: dict[tuple[int, str], AdaptedLinear] = {}
         placements = []

@@ -21,6 +21,20 @@ def cp_parameters(sizes: list[int], rank: int) -> int:
     return rank * sum(sizes)
 
 
+def tt_parameters(sizes: list[int], ranks: list[int]) -> int:
+    """``sum_k r_{k-1} d_k r_k`` with ``ranks`` the ``N - 1`` bond ranks and ``r_0 = r_N = 1``."""
+    bonds = [1, *ranks, 1]
+    return sum(bonds[k] * d * bonds[k + 1] for k, d in enumerate(sizes))
+
+
+# factorization -> (sizes, {mode: rank} as in ``TensLoRAConfig.mode_ranks``) -> parameters
+PARAMETER_COUNTS = {
+    "tucker": lambda sizes, ranks: tucker_parameters(list(sizes.values()), [ranks[m] for m in sizes]),
+    "cp": lambda sizes, ranks: cp_parameters(list(sizes.values()), ranks["input"]),
+    "tt": lambda sizes, ranks: tt_parameters(list(sizes.values()), [ranks[m] for m in list(sizes)[:-1]]),
+}
+
+
 def lora_parameters(shape: ModelShape, rank: int) -> int:
     """``r (d_in + d_out)`` for every adapted projection."""
     return sum(rank * (shape.d_in + d_out) for d_out in shape.d_out) * len(shape.layers)
@@ -33,13 +47,8 @@ def predict_adapter_parameters(config: TensLoRAConfig, shape: ModelShape) -> int
         return 0
     if config.method == "lora":
         return lora_parameters(shape, ranks["input"])
-    total = 0
-    for sizes in tensor_layout(get_construction(config.construction), shape).values():
-        if config.factorization == "tucker":
-            total += tucker_parameters(list(sizes.values()), [ranks[m] for m in sizes])
-        else:
-            total += cp_parameters(list(sizes.values()), ranks["input"])
-    return total
+    count = PARAMETER_COUNTS[config.factorization]
+    return sum(count(sizes, ranks) for sizes in tensor_layout(get_construction(config.construction), shape).values())
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:

@@ -23,10 +23,10 @@ def test_step_time_bench_reports_ratios_to_lora():
 
 
 def test_unknown_bench_method_is_a_usage_error():
-    done = run_cli("bench", "step-time", "--methods", "qkv_depth:tt")
+    done = run_cli("bench", "step-time", "--methods", "qkv_depth:ring")
     assert done.returncode == 2
-    assert done.stderr.strip() == ("error: unknown benchmark method 'qkv_depth:tt'; allowed: base, lora, "
-                                   "CONSTRUCTION:tucker or CONSTRUCTION:cp")
+    assert done.stderr.strip() == ("error: unknown benchmark method 'qkv_depth:ring'; allowed: base, lora, "
+                                   "CONSTRUCTION:tucker, CONSTRUCTION:cp or CONSTRUCTION:tt")
 
 
 def test_gqa_shape_builds_a_llama_with_exact_counts():

@@ -165,7 +165,7 @@ def test_load_into_wrong_model_names_the_mismatch(tmp_path):
 def test_bad_configs_name_the_value():
     cases = [
         (dict(construction="heads_only"), "unknown construction 'heads_only'; allowed: att, qkv"),
-        (dict(factorization="tt"), "unknown factorization 'tt'; allowed: tucker, cp"),
+        (dict(factorization="tensor-ring"), "unknown factorization 'tensor-ring'; allowed: tucker, cp, tt"),
         (dict(construction="qkv", ranks=(4, 4)), r"ranks \(4, 4\) have the wrong length"),
         (dict(construction="qkv", ranks=0), "rank 0 of mode 'input' must be a positive integer"),
         (dict(construction="qkv", ranks="8_x"), "ranks '8_x' must be integers"),

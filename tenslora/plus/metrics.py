@@ -9,7 +9,9 @@ the ``qkv_depth`` tensor ``(d_in, d_out, 3, L)``: modes ``input``, ``output``, `
 its ``input`` gradient norm is lora_A's, ``output`` lora_B's.
 Metrics: ``entropy``, ``top1_energy``, ``effective_rank``, ``max_rank``, ``norm`` (see
 :func:`tenslora.plus.spectra.spectrum_metrics`; the adapter's ``alpha/r`` scaling is not applied, the
-normalised metrics do not depend on it) and ``grad_norm`` (of the factor of that mode, all tensors).
+normalised metrics do not depend on it) and ``grad_norm`` (of the factor of that mode, all tensors;
+for a tensor train, of that mode's core, and there is no ``core`` entry). TT spectra are exact too,
+from the bond Grams of the train (:func:`tenslora.plus.spectra.tt_pairs`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def is_lora(adapted) -> bool:
 
 
 def adapter_tensors(adapted) -> dict:
-    """``{tensor name: Tucker/CP module}`` of a TensLoRA model."""
+    """``{tensor name: Tucker/CP/TensorTrain module}`` of a TensLoRA model."""
     return {name: adapter.tensor for name, adapter in adapted.adapters.items()}
 
 
@@ -95,7 +97,8 @@ def gradient_norms(adapted, per_tensor: bool = False) -> dict[str, dict[str, flo
     modes = adapted.adapter_config.mode_names
 
     def norms(group: list) -> dict[str, float]:
-        res = {m: spectra.grad_norm([t.factors[m] for t in group if m in t.factors]) for m in modes}
+        params = [t.mode_parameters() for t in group]
+        res = {m: spectra.grad_norm([p[m] for p in params if m in p]) for m in modes}
         cores = [t.core for t in group if getattr(t, "core", None) is not None]
         if cores:
             res["core"] = spectra.grad_norm(cores)

@@ -4,7 +4,8 @@
 (``torch.optim.AdamW(groups)``). One group per role:
 
 - TensLoRA: ``core`` (Tucker only; every tensor's core), ``factor:<mode>`` (the factor of that mode
-  from every tensor of the construction, Tucker and CP alike);
+  from every tensor of the construction, Tucker and CP alike), ``core:<mode>`` (tensor-train: the core
+  of that mode from every tensor; each TT core belongs to one mode, so ``mode_lr`` applies per core);
 - PEFT LoRA: ``lora_A``, ``lora_B`` (LoRA+, Hayou et al. 2024: B at ``lr * lora_plus_ratio``);
 - both: ``head`` (task-head weights) and ``head_no_decay`` (task-head biases and LayerNorm weights),
   and ``other`` for any trainable parameter that is none of the above (e.g. unfrozen by the user).
@@ -42,7 +43,8 @@ def build_param_groups(adapted, *, lr: float, weight_decay: float = 0.0, core_la
     """Parameter groups ``[{name, params, lr, weight_decay}, ...]`` for ``adapted``.
 
     adapted: a ``TensLoRAModel`` (has ``.adapters``) or a ``LoraModel`` (has ``.peft_model``).
-    Learning rates: Tucker ``core`` at ``lr * core_lambda``; ``factor:<m>`` at ``lr * mode_lr.get(m, 1)``;
+    Learning rates: Tucker ``core`` at ``lr * core_lambda``; ``factor:<m>`` (Tucker/CP) and ``core:<m>``
+    (TT) at ``lr * mode_lr.get(m, 1)``;
     ``lora_A`` at ``lr``, ``lora_B`` at ``lr * lora_plus_ratio`` (default ratio 1); ``head`` and
     ``head_no_decay`` at ``head_lr`` (default ``lr``); ``other`` at ``lr``.
     Weight decay: ``weight_decay`` as given on every group (never multiplied by a ratio), except
@@ -51,7 +53,7 @@ def build_param_groups(adapted, *, lr: float, weight_decay: float = 0.0, core_la
     also decays faster; that is AdamW's definition, not a rescaling done here.
 
     ValueError: non-positive lr/core_lambda/mode_lr/lora_plus_ratio/head_lr, negative weight_decay,
-    ``core_lambda != 1`` with CP or LoRA, a ``mode_lr`` mode the construction lacks (or any
+    ``core_lambda != 1`` with CP, TT or LoRA, a ``mode_lr`` mode the construction lacks (or any
     ``mode_lr`` with LoRA), ``lora_plus_ratio`` with a tensor adapter.
     """
     _positive("lr", lr)
@@ -67,7 +69,9 @@ def build_param_groups(adapted, *, lr: float, weight_decay: float = 0.0, core_la
     is_lora = config.method == "lora"
     if core_lambda != 1 and (config.method != "tenslora" or config.factorization != "tucker"):
         what = {"lora": "LoRA", "none": "a linear probe"}.get(config.method, repr(config.factorization))
-        raise ValueError(f"core_lambda={core_lambda} needs a Tucker adapter; {what} has no core (allowed: 1)")
+        has = ("has one core per mode: use mode_lr (e.g. input=2)" if config.method == "tenslora"
+               and config.factorization == "tt" else "has no core")
+        raise ValueError(f"core_lambda={core_lambda} needs a Tucker adapter; {what} {has} (allowed: 1)")
     if lora_plus_ratio is not None and not is_lora:
         raise ValueError(f"lora_plus_ratio={lora_plus_ratio} applies to the PEFT LoRA baseline only, not to "
                          f"construction {config.construction!r}; use core_lambda / mode_lr")
@@ -100,18 +104,17 @@ def build_param_groups(adapted, *, lr: float, weight_decay: float = 0.0, core_la
                 add("lora_A", p, lr, weight_decay)
                 seen.add(id(p))
     else:
-        for mode in config.mode_names:  # groups in mode order, core first
+        for mode in config.mode_names:  # groups in mode order, Tucker's core first
             for adapter in adapted.adapters.values():
                 tensor = adapter.tensor
                 core = getattr(tensor, "core", None)
                 if isinstance(core, nn.Parameter) and core.requires_grad and id(core) not in seen:
                     add("core", core, lr * core_lambda, weight_decay)
                     seen.add(id(core))
-                if mode in tensor.factors:
-                    p = tensor.factors[mode]
-                    if p.requires_grad and id(p) not in seen:
-                        add(f"factor:{mode}", p, lr * mode_lr.get(mode, 1.0), weight_decay)
-                        seen.add(id(p))
+                p = tensor.mode_parameters().get(mode)
+                if p is not None and p.requires_grad and id(p) not in seen:
+                    add(f"{tensor.mode_role}:{mode}", p, lr * mode_lr.get(mode, 1.0), weight_decay)
+                    seen.add(id(p))
     for path in adapted.head_modules:
         module = model.get_submodule(path)
         no_decay = _no_decay_ids(module)

@@ -8,6 +8,11 @@ Every factorization here is reduced to a pair ``(U, M)`` with ``T_(n) T_(n)^T = 
   orthonormal columns, so ``U = U_n`` and ``M = (G x_{k!=n} R_k)_(n)`` (``r_n x prod r_k``, core-sized).
 - CP ``T_(n) = U_n KR(U_k, k!=n)^T``: the Gram of a Khatri-Rao product is the Hadamard product of
   the Grams, ``H = *_{k!=n} U_k^T U_k`` (``R x R``), so ``U = U_n`` and ``M = H^(1/2)``.
+- TT ``T[i_1..i_N] = G_1[:, i_1, :] ... G_N[:, i_N, :]``: with ``L`` the left partial product (rows
+  ``i_1..i_{n-1}``, ``r_{n-1}`` columns) and ``R`` the right one (``r_n`` rows), ``T_(n) T_(n)^T =
+  X (P kron Q) X^T`` where ``X (d_n, r_{n-1} r_n)`` is core ``n`` with its mode first, ``P = L^T L`` and
+  ``Q = R R^T`` (both bond-sized, by the recursions ``P_k = sum_i G_k[:, i, :]^T P_{k-1} G_k[:, i, :]``
+  and its mirror). So ``U = X`` and ``M = P^(1/2) kron Q^(1/2)``.
 - A matrix ``B A`` (LoRA, ``A: (r, d_in)``, ``B: (d_out, r)``) as a 2-mode tensor: see :func:`lora_pairs`.
 
 Aggregating tensors (stacking them along a new mode) concatenates their unfoldings, so the
@@ -24,6 +29,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from tenslora.tensor.algebra import mode_dot, unfold
+from tenslora.tensor.factorized import CP, TensorTrain, Tucker
 
 DTYPE = torch.float64
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -87,19 +93,17 @@ def cp_pair(factors: Sequence[torch.Tensor], n: int) -> Pair:
     return factors[n].detach().to(DTYPE), _psd_sqrt(gram)
 
 
-def tensor_pairs(tensor, modes: Sequence[str] | None = None) -> dict[str, Pair]:
-    """``{mode: (U, M)}`` of a ``Tucker``/``CP`` module (duck-typed: ``core``, ``factors``, ``mode_names``);
-    the factors' QRs (Tucker) or Grams (CP) are computed once for all modes."""
-    names = list(tensor.mode_names)
-    modes = names if modes is None else list(modes)
-    for mode in modes:
-        if mode not in names:
-            raise ValueError(f"mode {mode!r} not in the tensor's modes {', '.join(names)}")
+def _tucker_pairs(tensor: Tucker, names: list[str], modes: list[str]) -> dict[str, Pair]:
+    """The factors' QRs are computed once for all modes."""
     factors = [tensor.factors[m].detach().to("cpu", DTYPE) for m in names]  # small: CPU float64
-    core = getattr(tensor, "core", None)
-    if core is not None:
-        rs = [_r_factor(f) for f in factors]
-        return {m: tucker_pair(core.detach().to("cpu", DTYPE), factors, names.index(m), rs) for m in modes}
+    rs = [_r_factor(f) for f in factors]
+    core = tensor.core.detach().to("cpu", DTYPE)
+    return {m: tucker_pair(core, factors, names.index(m), rs) for m in modes}
+
+
+def _cp_pairs(tensor: CP, names: list[str], modes: list[str]) -> dict[str, Pair]:
+    """The factors' Grams are computed once for all modes."""
+    factors = [tensor.factors[m].detach().to("cpu", DTYPE) for m in names]
     grams = [f.T @ f for f in factors]
     out = {}
     for m in modes:
@@ -112,8 +116,49 @@ def tensor_pairs(tensor, modes: Sequence[str] | None = None) -> dict[str, Pair]:
     return out
 
 
+def tt_pairs(cores: Sequence[torch.Tensor], modes: Sequence[int]) -> dict[int, Pair]:
+    """``{n: (X (d_n, r_{n-1} r_n), P^(1/2) kron Q^(1/2))}`` for modes ``n`` of a TT with ``cores[k]:
+    (r_{k-1}, d_k, r_k)`` (float64); the left and right Grams of every bond are computed once."""
+    cores = [c.detach().to("cpu", DTYPE) for c in cores]
+    left = [torch.ones(1, 1, dtype=DTYPE)]  # left[k]: Gram of the product of cores before k
+    for core in cores[:-1]:
+        left.append(torch.einsum("aib,ac,cid->bd", core, left[-1], core))
+    right = [torch.ones(1, 1, dtype=DTYPE)]  # built backwards: right[k] = Gram after core k
+    for core in reversed(cores[1:]):
+        right.append(torch.einsum("aib,bd,cid->ac", core, right[-1], core))
+    right.reverse()
+    out = {}
+    for n in modes:
+        core = cores[n]
+        x = core.permute(1, 0, 2).reshape(core.shape[1], -1)
+        out[n] = (x, torch.kron(_psd_sqrt((left[n] + left[n].T) / 2), _psd_sqrt((right[n] + right[n].T) / 2)))
+    return out
+
+
+def _tt_pairs(tensor: TensorTrain, names: list[str], modes: list[str]) -> dict[str, Pair]:
+    pairs = tt_pairs([tensor.cores[m] for m in names], [names.index(m) for m in modes])
+    return {m: pairs[names.index(m)] for m in modes}
+
+
+PAIRS = {Tucker: _tucker_pairs, CP: _cp_pairs, TensorTrain: _tt_pairs}  # exact (U, M) per mode, by type
+
+
+def tensor_pairs(tensor, modes: Sequence[str] | None = None) -> dict[str, Pair]:
+    """``{mode: (U, M)}`` of a ``Tucker``, ``CP`` or ``TensorTrain`` module, never reconstructed."""
+    names = list(tensor.mode_names)
+    modes = names if modes is None else list(modes)
+    for mode in modes:
+        if mode not in names:
+            raise ValueError(f"mode {mode!r} not in the tensor's modes {', '.join(names)}")
+    build = PAIRS.get(type(tensor))
+    if build is None:
+        raise ValueError(f"no exact spectra for a {type(tensor).__name__}; "
+                         f"supported: {', '.join(t.__name__ for t in PAIRS)}")
+    return build(tensor, names, modes)
+
+
 def tensor_pair(tensor, mode: str) -> Pair:
-    """The ``(U, M)`` pair of one mode of a ``Tucker``/``CP`` module."""
+    """The ``(U, M)`` pair of one mode of a ``Tucker``/``CP``/``TensorTrain`` module."""
     return tensor_pairs(tensor, [mode])[mode]
 
 
@@ -136,7 +181,7 @@ def singular_values_of_pairs(pairs: Sequence[Pair]) -> torch.Tensor:
 
 def mode_singular_values(tensors, mode: str) -> torch.Tensor:
     """Singular values of the mode-``mode`` unfolding of one tensor, or of several stacked."""
-    tensors = [tensors] if hasattr(tensors, "factors") else list(tensors)
+    tensors = [tensors] if hasattr(tensors, "mode_names") else list(tensors)
     return singular_values_of_pairs([tensor_pairs(t, [mode])[mode] for t in tensors])
 
 

@@ -1,8 +1,15 @@
-"""Tucker and CP tensors as ``nn.Module``s whose parameters are the core and the factors.
+"""Tucker, CP and tensor-train (TT) tensors as ``nn.Module``s.
 
 A factorized tensor has named modes (``input``, ``output``, ``head_dim``, ``heads``, ``qkv``,
 ``layers``; any names work here). Mode 0 is the input mode of the adapted projections.
-Factors are stored by mode name: ``factors[name]`` has shape ``(d_mode, r_mode)``.
+Tucker and CP store one factor per mode, ``factors[name]: (d_mode, r_mode)`` (plus Tucker's core);
+TT stores one core per mode, ``cores[name]: (r_{k-1}, d_k, r_k)``. ``mode_parameters()`` gives the
+parameter that belongs to each mode, whatever the factorization.
+
+Each class is its factorization's entry in :data:`FACTORIZATIONS` and says how a config's ranks
+map onto it: ``rank_modes(mode_names)`` (the modes that carry a rank), ``single_rank`` (one value
+for all), ``from_mode_ranks`` (build from ``{mode: size}`` and ``{mode: rank}``) and ``rank_caps``
+(the largest rank that still adds capacity).
 """
 from __future__ import annotations
 
@@ -32,13 +39,33 @@ def init_factor_(factor: torch.Tensor, init: str, generator: torch.Generator) ->
 
 
 class FactorizedTensor(nn.Module):
-    """Common interface: ``full()``, ``thin_pair()`` and the parameter count."""
+    """Common interface: ``full()``, ``thin_pair()``, the per-mode parameters and the parameter count."""
 
     mode_names: tuple[str, ...]
     shape: tuple[int, ...]
+    single_rank = False  # the config gives one rank for every mode (CP)
+    rank_unit = "mode"  # what each config rank belongs to, for messages
+    mode_role = "factor"  # what ``mode_parameters()`` holds, for optimizer group names
 
-    def factor(self, mode: str) -> torch.Tensor:
-        return self.factors[mode]
+    @classmethod
+    def rank_modes(cls, mode_names: Sequence[str]) -> tuple[str, ...]:
+        """The modes that carry a config rank (``{mode: rank}`` keys), in order."""
+        return tuple(mode_names)
+
+    @classmethod
+    def from_mode_ranks(cls, sizes: dict[str, int], ranks: dict[str, int], init: str,
+                        generator: torch.Generator) -> "FactorizedTensor":
+        """Build from ``{mode: size}`` (storage order) and ``{mode: rank}`` (``rank_modes`` keys)."""
+        raise NotImplementedError
+
+    @classmethod
+    def rank_caps(cls, sizes: dict[str, int]) -> dict[str, int]:
+        """``{mode: largest rank that adds capacity}`` for the modes where one exists."""
+        return {}
+
+    def mode_parameters(self) -> dict[str, nn.Parameter]:
+        """``{mode: the parameter of that mode}`` (Tucker/CP: its factor; TT: its core)."""
+        return dict(self.factors)
 
     def full(self) -> torch.Tensor:
         """The reconstructed tensor, shape ``self.shape`` (slow; for analysis and tests)."""
@@ -75,6 +102,14 @@ class Tucker(FactorizedTensor):
             name: nn.Parameter(init_factor_(torch.empty(d, r), init, generator))
             for name, d, r in zip(self.mode_names, self.shape, self.ranks)})
 
+    @classmethod
+    def from_mode_ranks(cls, sizes, ranks, init, generator):
+        return cls(list(sizes.values()), [ranks[m] for m in sizes], list(sizes), init=init, generator=generator)
+
+    @classmethod
+    def rank_caps(cls, sizes):
+        return dict(sizes)
+
     def full(self) -> torch.Tensor:
         return multi_mode_dot(self.core, [self.factors[m] for m in self.mode_names])
 
@@ -93,6 +128,8 @@ class Tucker(FactorizedTensor):
 class CP(FactorizedTensor):
     """``T = sum_r U_1[:, r] o ... o U_N[:, r]``; the input-mode factor is zero at initialisation."""
 
+    single_rank = True
+
     def __init__(self, shape: Sequence[int], rank: int, mode_names: Sequence[str],
                  init: str = "orthogonal", generator: torch.Generator | None = None):
         super().__init__()
@@ -107,6 +144,10 @@ class CP(FactorizedTensor):
             factors[name] = nn.Parameter(w.zero_() if i == 0 else init_factor_(w, init, generator))
         self.factors = nn.ParameterDict(factors)
 
+    @classmethod
+    def from_mode_ranks(cls, sizes, ranks, init, generator):
+        return cls(list(sizes.values()), ranks[next(iter(sizes))], list(sizes), init=init, generator=generator)
+
     def full(self) -> torch.Tensor:
         kr = khatri_rao([self.factors[m] for m in self.mode_names])  # (prod d, R)
         return kr.sum(dim=1).reshape(self.shape)
@@ -120,4 +161,77 @@ class CP(FactorizedTensor):
         return self.factors[self.mode_names[0]], weights[..., :, None] * cols
 
 
-FACTORIZATIONS = {"tucker": Tucker, "cp": CP}
+class TensorTrain(FactorizedTensor):
+    """``T[i_1, ..., i_N] = G_1[:, i_1, :] G_2[:, i_2, :] ... G_N[:, i_N, :]`` (a product of matrices).
+
+    ``cores[mode_k]: (r_{k-1}, d_k, r_k)`` with ``r_0 = r_N = 1``; ``ranks`` are the ``N - 1`` bond
+    ranks ``(r_1, ..., r_{N-1})``, in the modes' storage order. Initialisation, as LoRA's: the last
+    core is zero (the update starts at zero, like LoRA's ``B``), every other core's left unfolding
+    ``(r_{k-1} d_k, r_k)`` is initialised as a factor from ``generator`` (``orthogonal``: left-orthogonal
+    cores), so the input core reshaped ``(d_input, r_1)`` is LoRA's ``A``.
+    """
+
+    rank_unit = "bond"
+    mode_role = "core"
+
+    def __init__(self, shape: Sequence[int], ranks: Sequence[int], mode_names: Sequence[str],
+                 init: str = "orthogonal", generator: torch.Generator | None = None):
+        super().__init__()
+        _check_modes(shape, mode_names)
+        if len(shape) < 2:
+            raise ValueError(f"a tensor train needs at least 2 modes, got shape {tuple(shape)}")
+        if len(ranks) != len(shape) - 1:
+            raise ValueError(f"a tensor train of {len(shape)} modes needs {len(shape) - 1} bond ranks, "
+                             f"got {tuple(ranks)}")
+        self.shape, self.ranks, self.mode_names = tuple(shape), tuple(int(r) for r in ranks), tuple(mode_names)
+        generator = generator or torch.Generator()
+        bonds = (1, *self.ranks, 1)
+        cores = {}
+        for k, (name, d) in enumerate(zip(self.mode_names, self.shape)):
+            core = torch.zeros(bonds[k], d, bonds[k + 1])
+            if k < len(self.shape) - 1:
+                init_factor_(core.view(bonds[k] * d, bonds[k + 1]), init, generator)
+            cores[name] = nn.Parameter(core)
+        self.cores = nn.ParameterDict(cores)
+
+    @classmethod
+    def rank_modes(cls, mode_names):
+        """Bond ``k`` (between modes ``k`` and ``k + 1``) is named by the mode on its input side."""
+        return tuple(mode_names[:-1])
+
+    @classmethod
+    def from_mode_ranks(cls, sizes, ranks, init, generator):
+        names = list(sizes)
+        return cls(list(sizes.values()), [ranks[m] for m in names[:-1]], names, init=init, generator=generator)
+
+    @classmethod
+    def rank_caps(cls, sizes):
+        """Bond ``k`` can use at most ``min(prod d_1..d_k, prod d_{k+1}..d_N)`` (the unfolding's rank)."""
+        names, dims = list(sizes), list(sizes.values())
+        return {names[k]: min(math.prod(dims[:k + 1]), math.prod(dims[k + 1:])) for k in range(len(dims) - 1)}
+
+    def mode_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self.cores)
+
+    def _right_chain(self) -> torch.Tensor:
+        """The cores after the input one contracted: ``(r_1, d_2, ..., d_N)`` (as many entries as ``B``)."""
+        cores = [self.cores[m] for m in self.mode_names]
+        out = cores[-1].reshape(cores[-1].shape[0], -1)  # (r_{N-1}, d_N)
+        for core in reversed(cores[1:-1]):  # (r_{k-1} d_k, r_k) @ (r_k, rest)
+            out = core.reshape(-1, core.shape[2]) @ out.reshape(core.shape[2], -1)
+        return out.reshape(cores[1].shape[0], *self.shape[1:])
+
+    def full(self) -> torch.Tensor:
+        a = self.cores[self.mode_names[0]].reshape(self.shape[0], -1)
+        return (a @ self._right_chain().reshape(a.shape[1], -1)).reshape(self.shape)
+
+    def thin_pair(self, col_modes, batch_modes):
+        index = {m: i for i, m in enumerate(self.mode_names)}
+        chain = self._right_chain()  # dim 0: r_1, dim i: mode i (i >= 1), whatever the modes' order
+        order = [index[m] for m in batch_modes] + [0] + [index[m] for m in col_modes]
+        chain = chain.permute(order)
+        b = chain.reshape(*chain.shape[:len(batch_modes) + 1], -1)
+        return self.cores[self.mode_names[0]].reshape(self.shape[0], -1), b
+
+
+FACTORIZATIONS: dict[str, type[FactorizedTensor]] = {"tucker": Tucker, "cp": CP, "tt": TensorTrain}

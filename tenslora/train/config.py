@@ -40,8 +40,9 @@ class TrainConfig:
     # adapter ------------------------------------------------------------------------------------
     construction: str = _opt("qkv_depth", "TensLoRA construction (att, qkv, depth, att_qkv, att_depth, qkv_depth, "
                              "att_qkv_depth) or lora (PEFT LoRA baseline)")
-    factorization: str = _opt("tucker", "tucker or cp")
-    ranks: str = _opt("8", "one rank, one per mode like 8_8_4_4, or auto (needs --budget)")
+    factorization: str = _opt("tucker", "tucker, cp or tt (tensor-train)")
+    ranks: str = _opt("8", "one rank, one per mode like 8_8_4_4 (tt: one per bond, N-1 for N modes), "
+                      "or auto (needs --budget; tucker only)")
     budget: str | None = _opt(None, "adapter parameter budget for --ranks auto: a count, or lora:k (LoRA rank k's count)")
     alpha: float = _opt(8.0, "update scaling numerator (scaling = alpha / input rank)")
     dropout: float = _opt(0.0, "adapter input dropout")
@@ -50,7 +51,7 @@ class TrainConfig:
     # optimisation -------------------------------------------------------------------------------
     lr: float = _opt(3e-3, "base learning rate (adapters need far more than full fine-tuning's 1e-5)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
-    core_lambda: float = _opt(1.0, "TensLoRA+: Tucker core learning rate = lr * core_lambda")
+    core_lambda: float = _opt(1.0, "TensLoRA+: Tucker core learning rate = lr * core_lambda (tt: use --mode-lr per core)")
     mode_lr: str | None = _opt(None, "TensLoRA+: per-mode lr multipliers, e.g. layers=2,input=0.5")
     lora_plus_ratio: float | None = _opt(None, "LoRA+: lr of B = lr * ratio (PEFT LoRA only)")
     head_lr: float | None = _opt(None, "learning rate of the task head (default: lr)")
