@@ -30,6 +30,7 @@ def run(
 
     from tenslora.sweep.core import default_sweep_dir
     from tenslora.sweep.spec import expand, job_argv, load_sweep
+    from tenslora.sweep.validate import validate_sweep
 
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -37,6 +38,7 @@ def run(
         raise ValueError("--ray-address needs --backend ray")
     spec = load_sweep(file)
     jobs = expand(spec)
+    validate_sweep(spec, jobs, source=str(file))
     root = sweep_dir if sweep_dir is not None else default_sweep_dir(spec.name)
     console = Console(highlight=False)
     if dry_run:

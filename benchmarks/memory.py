@@ -1,0 +1,157 @@
+"""Peak resident memory (RSS) of ``tenslora train``, per stage and end to end.
+
+    python benchmarks/memory.py stages [-- TRAIN OPTIONS]      # one in-process run, RSS at each stage
+    python benchmarks/memory.py compare --baseline DIR [--repeats N] [-- TRAIN OPTIONS]
+
+``stages`` runs ``tenslora train`` in this process and prints, at each stage boundary, the current
+RSS and the process's peak so far (``ru_maxrss``): the stage where the peak jumps is where the
+memory goes. ``compare`` runs ``python -m tenslora train`` as a fresh subprocess with this checkout
+and with ``DIR`` (another checkout, e.g. the main branch) on ``PYTHONPATH``, alternating, and prints
+each run's peak RSS (``ru_maxrss`` of the child) and wall time. Default train options: the default
+run for ``--max-steps 5`` (tweets, offline MiniLM) with a fresh output directory per run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TRAIN = ["--max-steps", "5", "--no-progress"]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mb(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
+
+
+class Stages:
+    """Prints one line per stage: RSS now, peak so far, how much the peak grew, seconds since start."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.last_peak = 0.0
+        print(f"{'stage':44s} {'rss MB':>8s} {'peak MB':>8s} {'+peak':>7s} {'t s':>7s}")
+
+    def mark(self, name: str) -> None:
+        peak = peak_mb()
+        print(f"{name:44s} {rss_mb():8.0f} {peak:8.0f} {peak - self.last_peak:7.0f} "
+              f"{time.perf_counter() - self.t0:7.1f}", flush=True)
+        self.last_peak = peak
+
+
+def _wrap(module, name: str, stages: Stages, label: str) -> None:
+    fn = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        stages.mark(label)
+        return out
+
+    setattr(module, name, wrapped)
+
+
+class StageCallback:
+    """``train`` callbacks marking the loop's stages (first step, each evaluation, the end)."""
+
+    def __init__(self, stages: Stages):
+        self.stages, self.seen = stages, set()
+
+    def on_train_begin(self, *args):
+        self.stages.mark("loaders, optimizer, writer (train begins)")
+
+    def after_backward(self, step, *args):
+        if step == 1:
+            self.stages.mark("step 1 forward + backward")
+
+    def on_step_end(self, step, adapted, logs):
+        if any(k.startswith("validation_") for k in logs):
+            self.stages.mark(f"step {step} (with validation)")
+        elif step == 1:
+            self.stages.mark("step 1 done")
+
+    def on_train_end(self, *args):
+        self.stages.mark("final test evaluation")
+
+
+def stages(train_args: list[str]) -> None:
+    st = Stages()
+    st.mark("interpreter")
+    import tenslora.cli  # noqa: F401  (what the `tenslora` command imports first)
+    st.mark("import tenslora.cli")
+    from tenslora.train import loop, setup
+    st.mark("import tenslora.train.loop")
+    _wrap(setup, "load_task", st, "load task (read + parse the data)")
+    _wrap(setup, "prepare", st, "prepare splits")
+    _wrap(setup, "build_model", st, "load model + preprocessor")
+    _wrap(setup, "get_adapted_model", st, "inject the adapter")
+    import typer
+
+    from tenslora.cli.train import train_command
+    from tenslora.train.config import TrainConfig
+
+    app = typer.Typer()  # parse the options exactly as `tenslora train` does
+    app.command()(train_command)
+    ctx = typer.main.get_command(app).make_context("train", list(train_args))
+    cfg = TrainConfig(**ctx.params)
+    summary = loop.train(cfg, callbacks=[StageCallback(st)])
+    st.mark("outputs written (summary.json)")
+    print(f"steps {summary['steps']}, wall {summary['wall_time_s']} s, peak {peak_mb():.0f} MB")
+
+
+def compare(baseline: str, repeats: int, train_args: list[str]) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tl-mem-") as tmp:
+        for i in range(repeats):
+            for label, path in (("baseline", baseline), ("this checkout", str(REPO))):
+                out = os.path.join(tmp, f"{label.replace(' ', '_')}-{i}")
+                env = {**os.environ, "PYTHONPATH": path}
+                t0 = time.perf_counter()
+                proc = subprocess.Popen([sys.executable, "-m", "tenslora", "train", *train_args,
+                                         "--output-dir", out], env=env, cwd=path,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                _, _, usage = os.wait4(proc.pid, 0)
+                wall = time.perf_counter() - t0
+                err = proc.stderr.read().decode(errors="replace")
+                proc.stderr.close()
+                peak = usage.ru_maxrss / 1024
+                rows.append((label, i, peak, wall))
+                print(f"{label:14s} run {i}: peak RSS {peak:7.0f} MB, wall {wall:6.1f} s", flush=True)
+                if "Traceback" in err or "error:" in err:
+                    print(err[-2000:], file=sys.stderr)
+    for label in ("baseline", "this checkout"):
+        mine = [r for r in rows if r[0] == label]
+        print(f"{label:14s} max peak RSS {max(r[2] for r in mine):7.0f} MB, "
+              f"mean wall {sum(r[3] for r in mine) / len(mine):6.1f} s over {len(mine)} run(s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("stages", "compare"))
+    parser.add_argument("--baseline", help="compare: a checkout whose tenslora is the baseline")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("train_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    train_args = train_args or list(DEFAULT_TRAIN)
+    if args.mode == "stages":
+        if "--output-dir" not in train_args:
+            train_args += ["--output-dir", tempfile.mkdtemp(prefix="tl-mem-")]
+        stages(train_args)
+    else:
+        if not args.baseline:
+            parser.error("compare needs --baseline DIR")
+        compare(args.baseline, args.repeats, train_args)
+
+
+if __name__ == "__main__":
+    main()
