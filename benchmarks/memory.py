@@ -76,8 +76,8 @@ class StageCallback:
     def on_step_end(self, step, adapted, logs):
         if any(k.startswith("validation_") for k in logs):
             self.stages.mark(f"step {step} (with validation)")
-        elif step == 1:
-            self.stages.mark("step 1 done")
+        elif step == 1 or step % 10 == 0:
+            self.stages.mark(f"step {step} done")
 
     def on_train_end(self, *args):
         self.stages.mark("final test evaluation")
