@@ -139,10 +139,10 @@ def main() -> None:
     parser.add_argument("mode", choices=("stages", "compare"))
     parser.add_argument("--baseline", help="compare: a checkout whose tenslora is the baseline")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("train_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
-    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    train_args = train_args or list(DEFAULT_TRAIN)
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    train_args = argv[cut + 1:] or list(DEFAULT_TRAIN)
     if args.mode == "stages":
         if "--output-dir" not in train_args:
             train_args += ["--output-dir", tempfile.mkdtemp(prefix="tl-mem-")]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tenslora.api import get_adapted_model
+from tenslora.train.memory import release_freed_memory
 from tenslora.train.modeling import (adapter_config, default_image_size, forward_kwargs, load_classifier,
                                      load_preprocessor, resolve_model_name)
 from tenslora.train.protocol import PreparedData, prepare
@@ -62,6 +63,7 @@ def cap_single_rank(model, config):
 def build_run(cfg, data: PreparedData | None = None, *, kind: str | None = None, label_names=None,
               num_labels: int | None = None, problem_type: str | None = None) -> Run:
     """Load the data (unless only ``kind``/labels are given, for predict), the model and the adapter."""
+    release_freed_memory()  # before the big allocations: see tenslora/train/memory.py
     if data is None and kind is None:
         data = prepare(load_task(cfg), cfg)
     if data is not None:
