@@ -7,7 +7,8 @@
 RSS and the process's peak so far (``ru_maxrss``): the stage where the peak jumps is where the
 memory goes. ``compare`` runs ``python -m tenslora train`` as a fresh subprocess with this checkout
 and with ``DIR`` (another checkout, e.g. the main branch) on ``PYTHONPATH``, alternating, and prints
-each run's peak RSS (``ru_maxrss`` of the child) and wall time. Default train options: the default
+each run's peak RSS (``ru_maxrss`` of the child), wall time and CPU time (user + system: the fairer
+cost on a shared machine). Default train options: the default
 run for ``--max-steps 5`` (tweets, offline MiniLM) with a fresh output directory per run.
 """
 from __future__ import annotations
@@ -123,15 +124,17 @@ def compare(baseline: str, repeats: int, train_args: list[str]) -> None:
                 wall = time.perf_counter() - t0
                 err = proc.stderr.read().decode(errors="replace")
                 proc.stderr.close()
-                peak = usage.ru_maxrss / 1024
-                rows.append((label, i, peak, wall))
-                print(f"{label:14s} run {i}: peak RSS {peak:7.0f} MB, wall {wall:6.1f} s", flush=True)
+                peak, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+                rows.append((label, i, peak, wall, cpu))
+                print(f"{label:14s} run {i}: peak RSS {peak:7.0f} MB, wall {wall:6.1f} s, CPU {cpu:6.1f} s",
+                      flush=True)
                 if "Traceback" in err or "error:" in err:
                     print(err[-2000:], file=sys.stderr)
     for label in ("baseline", "this checkout"):
         mine = [r for r in rows if r[0] == label]
         print(f"{label:14s} max peak RSS {max(r[2] for r in mine):7.0f} MB, "
-              f"mean wall {sum(r[3] for r in mine) / len(mine):6.1f} s over {len(mine)} run(s)")
+              f"mean wall {sum(r[3] for r in mine) / len(mine):6.1f} s, mean CPU {sum(r[4] for r in mine) / len(mine):6.1f} s "
+              f"over {len(mine)} run(s)")
 
 
 def main() -> None:
