@@ -132,9 +132,9 @@ def compare(baseline: str, repeats: int, train_args: list[str]) -> None:
                     print(err[-2000:], file=sys.stderr)
     for label in ("baseline", "this checkout"):
         mine = [r for r in rows if r[0] == label]
-        print(f"{label:14s} max peak RSS {max(r[2] for r in mine):7.0f} MB, "
-              f"mean wall {sum(r[3] for r in mine) / len(mine):6.1f} s, mean CPU {sum(r[4] for r in mine) / len(mine):6.1f} s "
-              f"over {len(mine)} run(s)")
+        n = len(mine)
+        print(f"{label:14s} max peak RSS {max(r[2] for r in mine):7.0f} MB, mean wall "
+              f"{sum(r[3] for r in mine) / n:6.1f} s, mean CPU {sum(r[4] for r in mine) / n:6.1f} s over {n} run(s)")
 
 
 def main() -> None:
