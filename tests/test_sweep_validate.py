@@ -89,7 +89,8 @@ def run_sweep(tmp_path, doc, sweep="sweep"):
     spec = parse_sweep({"command": fake_command(tmp_path), **doc})
     console = Console(record=True, width=250)
     sched = LocalScheduler(tmp_path / sweep, console=console, poll_s=0.05, kill_grace_s=1.0)
-    counts = sched.run(expand(spec), spec.settings(), meta={"settings": spec.settings(), "spec_file": "s.yaml"})
+    counts = sched.run(expand(spec), spec.settings(), meta={"settings": spec.settings(), "spec_file": "s.yaml"},
+                       one_sweep=True)
     return counts, console.export_text()
 
 
@@ -144,3 +145,15 @@ def test_dropping_an_unfinished_started_job_is_refused(tmp_path):
     doc["runs"] = [{"acc": 0.5}]
     with pytest.raises(UsageError, match=r"no longer lists job 'acc=0.6,fail_times=9' \(failed\)"):
         run_sweep(tmp_path, doc)
+
+
+def test_without_one_sweep_jobs_are_only_added(tmp_path):
+    """`tenslora repro` adds each experiment's jobs to a shared per-task sweep: nothing is refused there."""
+    doc = {"command": fake_command(tmp_path), "base": {"events": str(tmp_path / "e.txt"), "sleep": 0.0},
+           "runs": [{"acc": 0.5}, {"acc": 0.6, "fail_times": 9}], "retries": 0}
+    spec = parse_sweep(doc)
+    LocalScheduler(tmp_path / "sweep", console=Console(record=True), poll_s=0.05).run(expand(spec), spec.settings())
+    spec = parse_sweep({**doc, "runs": [{"acc": 0.7}]})
+    counts = LocalScheduler(tmp_path / "sweep", console=Console(record=True), poll_s=0.05).run(
+        expand(spec), spec.settings())
+    assert counts["done"] == 2 and counts["failed"] == 1

@@ -58,7 +58,7 @@ def run(
         from tenslora.sweep.local import LocalScheduler
 
         scheduler = LocalScheduler(root, slots=slots, cpu=cpu, console=console)
-    counts = scheduler.run(jobs, spec.settings(), retry_failed=retry_failed, meta=meta)
+    counts = scheduler.run(jobs, spec.settings(), retry_failed=retry_failed, meta=meta, one_sweep=True)
     console.print(f"sweep {root}: " + ", ".join(f"{n} {s}" for s, n in counts.items()), soft_wrap=True)
     if counts.get("failed"):
         console.print(f"[red]{counts['failed']} job(s) failed[/red]; see: tenslora sweep status {root}")

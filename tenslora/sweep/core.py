@@ -213,19 +213,25 @@ class BaseScheduler:
             raise KeyboardInterrupt
 
     def run(self, jobs: Iterable[Job] | None = None, settings: dict[str, Any] | None = None, *,
-            retry_failed: bool = False, meta: dict[str, Any] | None = None) -> dict[str, int]:
-        """Add ``jobs`` (if given), then run everything queued; returns the final state counts."""
+            retry_failed: bool = False, meta: dict[str, Any] | None = None,
+            one_sweep: bool = False) -> dict[str, int]:
+        """Add ``jobs`` (if given), then run everything queued; returns the final state counts.
+
+        ``one_sweep``: ``jobs`` are the whole sweep of this directory (``tenslora sweep run``): an edit
+        that changes or drops a started job is refused, never-started jobs no longer listed are dropped
+        (see :mod:`tenslora.sweep.changes`). Without it, jobs are only added or refreshed."""
         with SweepLock(self.paths.root) as lock, Store(self.paths.root) as store:
             self.store = store
             if lock.recovered:
                 self.say(f"recovered the lock of a scheduler that is gone (pid {lock.recovered.get('pid')} "
                          f"on {lock.recovered.get('host')})")
             if jobs is not None:
-                jobs, settings = list(jobs), settings or {}
-                dropped = check_edit(store.jobs(), jobs, settings, root=str(self.paths.root),
-                                     source=(meta or {}).get("spec_file") or "the sweep file")
-                changed = settings_changes(store.get_meta("settings"), settings)
-                store.drop_jobs(dropped)
+                jobs, settings, dropped, changed = list(jobs), settings or {}, [], []
+                if one_sweep:
+                    dropped = check_edit(store.jobs(), jobs, settings, root=str(self.paths.root),
+                                         source=(meta or {}).get("spec_file") or "the sweep file")
+                    changed = settings_changes(store.get_meta("settings"), settings)
+                    store.drop_jobs(dropped)
                 added, updated = store.add_jobs(jobs, settings, retry_failed=retry_failed)
                 if dropped:
                     self.say(f"dropped {len(dropped)} never-started job(s) no longer in the sweep file: "
