@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py stages [-- TRAIN OPTIONS]      # one in-process run, RSS at each stage
     python benchmarks/memory.py compare --baseline DIR [--repeats N] [-- TRAIN OPTIONS]
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/memory.py steps --label 64k   # CPU cost of a setting
 
 ``stages`` runs ``tenslora train`` in this process and prints, at each stage boundary, the current
 RSS and the process's peak so far (``ru_maxrss``): the stage where the peak jumps is where the
@@ -109,6 +110,40 @@ def stages(train_args: list[str]) -> None:
     print(f"steps {summary['steps']}, wall {summary['wall_time_s']} s, peak {peak_mb():.0f} MB")
 
 
+def steps(label: str, n_threads: int = 1) -> None:
+    """10 training steps of the default model and adapter (batch 32, lengths 30-66 tokens): CPU seconds
+    and peak RSS, to compare malloc settings (``MALLOC_MMAP_THRESHOLD_=...``) run side by side."""
+    import warnings
+
+    import torch
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(n_threads)
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from tenslora.api import get_adapted_model
+    from tenslora.config import TensLoRAConfig
+    from tenslora.hub.registry import resolve_model_name
+
+    hf_logging.set_verbosity_error()
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_name("minilm"), num_labels=3)
+    model = get_adapted_model(model, TensLoRAConfig(construction="qkv_depth", ranks=(8, 8, 3, 6)))
+    ids = torch.randint(1000, 2000, (32, 70), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0, t0 = usage.ru_utime + usage.ru_stime, time.perf_counter()
+    for length in (30, 45, 60, 38, 52, 41, 66, 35, 48, 57):
+        out = model(input_ids=ids[:, :length], attention_mask=torch.ones(32, length, dtype=torch.long),
+                    labels=torch.zeros(32, dtype=torch.long))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"{label}: CPU {usage.ru_utime + usage.ru_stime - cpu0:.1f} s, wall {time.perf_counter() - t0:.1f} s, "
+          f"peak RSS {peak_mb():.0f} MB")
+
+
 def compare(baseline: str, repeats: int, train_args: list[str]) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="tl-mem-") as tmp:
@@ -139,14 +174,17 @@ def compare(baseline: str, repeats: int, train_args: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("stages", "compare"))
+    parser.add_argument("mode", choices=("stages", "compare", "steps"))
+    parser.add_argument("--label", default="steps", help="steps: the name printed with the result")
     parser.add_argument("--baseline", help="compare: a checkout whose tenslora is the baseline")
     parser.add_argument("--repeats", type=int, default=1)
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
     train_args = argv[cut + 1:] or list(DEFAULT_TRAIN)
-    if args.mode == "stages":
+    if args.mode == "steps":
+        steps(args.label)
+    elif args.mode == "stages":
         if "--output-dir" not in train_args:
             train_args += ["--output-dir", tempfile.mkdtemp(prefix="tl-mem-")]
         stages(train_args)
