@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,7 @@ FAKE_TRAINER = textwrap.dedent('''
     p.add_argument("--acc", type=float, default=0.5)
     p.add_argument("--params", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gate", default=None, help="wait for GATE/<name> or GATE/ALL to exist instead of sleeping")
     args, _ = p.parse_known_args()
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
@@ -49,11 +51,18 @@ FAKE_TRAINER = textwrap.dedent('''
     if args.hang:
         print("hanging", flush=True)
         time.sleep(3600)
-    half = args.sleep / 2
-    if not resumed:
+    if args.gate:  # the test decides when this job may finish
+        if not resumed:
+            open(ckpt, "w").write("half")
+        mine, everyone = os.path.join(args.gate, name), os.path.join(args.gate, "ALL")
+        while not (os.path.exists(mine) or os.path.exists(everyone)):
+            time.sleep(0.02)
+    else:
+        half = args.sleep / 2
+        if not resumed:
+            time.sleep(half)
+            open(ckpt, "w").write("half")
         time.sleep(half)
-        open(ckpt, "w").write("half")
-    time.sleep(half)
     print(f"trained {name}", flush=True)
     if not args.no_summary:
         acc = args.acc + 0.01 * args.seed
@@ -123,3 +132,31 @@ def max_concurrency(events) -> int:
         level += d
         best = max(best, level)
     return best
+
+
+def wait_for(predicate, what: str, limit_s: float = 600.0) -> None:
+    """Poll until ``predicate()`` holds (an event, not a duration); ``limit_s`` only stops a hung test."""
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.02)
+
+
+def running_jobs(events: Path) -> dict[int, str]:
+    """Job processes that started (or resumed) and have not ended, in start order: pid -> name."""
+    alive: dict[int, str] = {}
+    for kind, name, pid, _ in read_events(events):
+        if kind in ("start", "resume"):
+            alive[pid] = name
+        else:
+            alive.pop(pid, None)
+    return alive
+
+
+def ended(events: Path) -> int:
+    return sum(1 for e in read_events(events) if e[0] == "end")
+
+
+def release(gate: Path, name: str = "ALL") -> None:
+    """Let job ``name`` (or every job, present and future) finish."""
+    (gate / name).touch()

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LORA_TYPES = ("lora", "lora_hf", "custom_lora")  # the seed's LoRA baselines: all PEFT LoRA here
@@ -69,23 +67,19 @@ def notice(message: str) -> None:
 
 
 @functools.cache
-def hub_unreachable(timeout_s: float = 3.0) -> bool:
-    """True when offline mode is set (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``) or the hub host does
-    not answer a TCP connection within ``timeout_s``."""
-    if any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-           for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-    except OSError:
-        return True
-    return False
+def hub_unreachable() -> bool:
+    """True when offline mode is set (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``) or the hub does not answer
+    a TCP connection within tenslora's probe timeout."""
+    from huggingface_hub import constants
+
+    from tenslora.hub.registry import hub_unreachable as probe
+    from tenslora.hub.registry import offline_mode
+    return offline_mode() or probe(constants.ENDPOINT) is not None
 
 
 def model_cached(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    from tenslora.hub.registry import hub_cached
+    return hub_cached(repo_id)
 
 
 def dataset_cached(hub_id: str) -> bool:

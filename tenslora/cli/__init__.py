@@ -25,6 +25,8 @@ app.command("allocate")(allocate_cli.allocate)
 
 def main() -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    from tenslora.train.memory import release_freed_memory
+    release_freed_memory()  # a process-wide malloc setting: set here, by the program, not by the library
     try:
         app()
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:

@@ -30,6 +30,7 @@ def run(
 
     from tenslora.sweep.core import default_sweep_dir
     from tenslora.sweep.spec import expand, job_argv, load_sweep
+    from tenslora.sweep.validate import validate_sweep
 
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -37,6 +38,7 @@ def run(
         raise ValueError("--ray-address needs --backend ray")
     spec = load_sweep(file)
     jobs = expand(spec)
+    validate_sweep(spec, jobs, source=str(file))
     root = sweep_dir if sweep_dir is not None else default_sweep_dir(spec.name)
     console = Console(highlight=False)
     if dry_run:
@@ -56,7 +58,7 @@ def run(
         from tenslora.sweep.local import LocalScheduler
 
         scheduler = LocalScheduler(root, slots=slots, cpu=cpu, console=console)
-    counts = scheduler.run(jobs, spec.settings(), retry_failed=retry_failed, meta=meta)
+    counts = scheduler.run(jobs, spec.settings(), retry_failed=retry_failed, meta=meta, one_sweep=True)
     console.print(f"sweep {root}: " + ", ".join(f"{n} {s}" for s, n in counts.items()), soft_wrap=True)
     if counts.get("failed"):
         console.print(f"[red]{counts['failed']} job(s) failed[/red]; see: tenslora sweep status {root}")

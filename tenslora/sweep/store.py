@@ -156,6 +156,12 @@ class Store:
                     updated += 1
         return added, updated
 
+    def drop_jobs(self, names: Iterable[str]) -> None:
+        """Forget jobs that never started (nothing of theirs exists but their row)."""
+        with self.transaction() as c:
+            for name in names:
+                c.execute("DELETE FROM jobs WHERE name = ? AND state = 'queued' AND attempts = 0", (name,))
+
     def job(self, name: str) -> dict[str, Any]:
         row = self.conn.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
         if row is None:
