@@ -40,7 +40,7 @@ def check(doc: dict) -> None:
     ({"base": {"batch-sise": 8}, "grid": {"lr": [0.1]}}, "base.batch_sise: not an option"),
     ({"grid": {"construction": ["qkv", "qkvx"]}},
      "run 'construction=qkvx': unknown construction 'qkvx'; allowed: att, qkv"),
-    ({"grid": {"factorization": ["tt"]}}, "unknown factorization 'tt'; allowed:"),
+    ({"grid": {"factorization": ["ring"]}}, "unknown factorization 'ring'; allowed:"),
     ({"grid": {"batch_size": ["abc"]}}, "grid.batch_size: 'abc' must be an integer"),
     ({"grid": {"lr": ["fast"]}}, "grid.lr: 'fast' must be a number"),
     ({"grid": {"cpu": ["yes"]}}, "grid.cpu: 'yes' is a flag: use true or false"),
