@@ -180,3 +180,33 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, base_dir, capsy
     _fails(capsys, ["compress", src, *args], "already exists; pass --overwrite")
     assert list(out.iterdir()) == []
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_train_init_from_a_compressed_lora(tmp_path, capsys):
+    """lora run -> compress its run directory -> tenslora train --init-from starts from those weights."""
+    from safetensors.torch import load_file
+    from test_train_utils import QUICK, make_text_model, sentences, write_csv
+    model = make_text_model(tmp_path / "bert")
+    data = write_csv(tmp_path / "d.csv", sentences(40))
+    common = ["train", "--task", data, "--model", model, *QUICK]
+    code, _, err = run_cli([*common, "--construction", "lora", "--ranks", "2", "--output-dir", tmp_path / "lora"],
+                           capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["compress", tmp_path / "lora", "--construction", "att_qkv_depth", "--ranks", "2",
+                              "--output", tmp_path / "c"], capsys)
+    assert code == 0, err
+    _fails(capsys, [*common, "--init-from", tmp_path / "c", "--output-dir", tmp_path / "bad"],
+           "pass --construction att_qkv_depth --factorization tucker")
+    _fails(capsys, [*common, "--init-from", tmp_path / "lora" / "best_adapter", "--construction", "lora",
+                    "--output-dir", tmp_path / "bad"], "it takes a tenslora adapter")
+    code, _, err = run_cli([*common, "--init-from", tmp_path / "c", "--construction", "att_qkv_depth",
+                            "--lr", "1e-9", "--max-steps", "1", "--output-dir", tmp_path / "ft"], capsys)
+    assert code == 0, err
+    start, end = load_file(str(tmp_path / "c" / "adapter_model.safetensors")), \
+        load_file(str(tmp_path / "ft" / "final_adapter" / "adapter_model.safetensors"))
+    assert sorted(start) == sorted(end) and any(k.startswith("head.") for k in start)
+    for key in start:  # one Adam step of lr 1e-9 moves each weight by at most ~1e-9
+        torch.testing.assert_close(end[key], start[key], rtol=0, atol=1e-6)
+    assert float(start["adapters.all.tensor.core"].abs().max()) > 1e-3  # not a fresh (zero-core) adapter
+    saved = json.loads((tmp_path / "ft" / "final_adapter" / "tenslora_config.json").read_text())
+    assert saved["config"]["ranks"] == json.loads((tmp_path / "c" / "tenslora_config.json").read_text())["config"]["ranks"]
