@@ -55,15 +55,15 @@ def load_source(source: Source) -> Loaded:
     return Loaded(source, method, adapted.eval(), kind)
 
 
-def _fill_peft(loaded: Loaded, directory: Path, head: bool) -> int:
+def _fill_peft(loaded: Loaded, directory: Path, head: bool) -> dict:
     from tenslora.export.to_peft import copy_peft_files, write_tenslora_as_peft
     if loaded.method == "lora":
-        return copy_peft_files(loaded.source.adapter_dir, directory, head)
-    return write_tenslora_as_peft(loaded.adapted, directory, loaded.source.model_path, head)
+        return {"lora_parameters": copy_peft_files(loaded.source.adapter_dir, directory, head)}
+    return {"lora_parameters": write_tenslora_as_peft(loaded.adapted, directory, loaded.source.model_path, head)}
 
 
 @torch.no_grad()
-def _fill_merged(loaded: Loaded, directory: Path, head: bool) -> int:
+def _fill_merged(loaded: Loaded, directory: Path, head: bool) -> dict:
     from tenslora.train.modeling import load_preprocessor
     model = loaded.adapted.merge_and_unload()
     model.save_pretrained(str(directory))
@@ -71,10 +71,11 @@ def _fill_merged(loaded: Loaded, directory: Path, head: bool) -> int:
         load_preprocessor(loaded.source.model_path, loaded.kind).save_pretrained(str(directory))
     except (FileNotFoundError, ValueError):
         pass  # the base directory has no tokenizer / image processor to copy
-    return 0
+    return {}
 
 
-FORMATS: dict[str, Callable[[Loaded, Path, bool], int]] = {"peft": _fill_peft, "merged": _fill_merged}
+# format -> fill(loaded, directory, head) -> extra report fields
+FORMATS: dict[str, Callable[[Loaded, Path, bool], dict]] = {"peft": _fill_peft, "merged": _fill_merged}
 
 
 def adapter_parameter_count(loaded: Loaded) -> int:
@@ -98,12 +99,12 @@ def export_adapter(src: str | Path, fmt: str, output: str | Path, model: str | N
     if fmt == "peft" and loaded.method == "none":
         raise ValueError(f"{source.adapter_dir} is a linear probe (construction none): it has no adapter to "
                          "export as LoRA; use --format merged")
-    counts = {}
-    write_dir_atomic(out, lambda tmp: counts.setdefault("lora", FORMATS[fmt](loaded, tmp, head)))
     report = {"format": fmt, "output": str(out), "source": str(source.adapter_dir), "method": loaded.method,
               "model": source.model_path, "adapter_parameters": adapter_parameter_count(loaded)}
-    if fmt == "peft":
-        report["lora_parameters"] = counts["lora"]
+
+    def fill(tmp: Path) -> None:
+        report.update(FORMATS[fmt](loaded, tmp, head))
+    write_dir_atomic(out, fill)
     if source.record is not None and loaded.method == "tenslora":
         config = source.record["config"]
         report["construction"] = f"{config['construction']}/{config['factorization']}"
