@@ -121,7 +121,8 @@ def compress_lora(src: str | Path, construction: str, factorization: str, ranks,
     missing, extra = {t.name for t in targets} - set(updates), set(updates) - {t.name for t in targets}
     if missing or extra:
         raise ValueError(f"the LoRA does not cover the construction's grid of {', '.join(target_modules)} in "
-                         f"layers {list(shape.layers)}: missing {sorted(missing)[:3]}, also adapted {sorted(extra)[:3]}")
+                         f"layers {list(shape.layers)}: missing {sorted(missing)[:3]}, "
+                         f"also adapted {sorted(extra)[:3]}")
     if source.record is not None and source.record.get("method") == "lora":
         check_fingerprint(source.record["model"], fingerprint(base, model_shape(base, find_targets(
             base, source.record["config"].get("target_modules")))))

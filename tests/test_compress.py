@@ -15,7 +15,7 @@ from test_train_utils import run_cli
 PROJS = ("query", "key", "value")
 
 
-def lora_dir(tmp_path, base_dir, seed=0, **lora_kwargs):  # noqa: F811
+def lora_dir(tmp_path, base_dir, seed=0):  # noqa: F811
     """A random PEFT LoRA r=4 (head included) saved by tenslora's LoRA baseline."""
     return random_adapter(base_dir, "lora", "tucker", seed=seed).save_adapter(tmp_path / f"lora{seed}")
 
@@ -88,7 +88,8 @@ def test_exactly_low_rank_tensor_is_recovered(tmp_path, base_dir, construction, 
 @pytest.mark.parametrize("construction,factorization,ranks", [
     ("qkv_depth", "tucker", "3_2_2_2"), ("att_qkv_depth", "tucker", "2"), ("att_depth", "tucker", "2_2_2_2"),
     ("qkv", "cp", "3")])
-def test_random_lora_reports_its_real_error(tmp_path, base_dir, construction, factorization, ranks, capsys):  # noqa: F811
+def test_random_lora_reports_its_real_error(tmp_path, base_dir, construction, factorization, ranks,  # noqa: F811
+                                            capsys):
     from peft import PeftModel
     src = lora_dir(tmp_path, base_dir)
     code, out, err = run_cli(["compress", src, "--construction", construction, "--factorization", factorization,
@@ -163,7 +164,8 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, base_dir, capsy
     _fails(capsys, ["compress", src, *args, "--factorization", "tt"], "unknown factorization 'tt'")
     # layers missing from the LoRA; modules the construction cannot hold
     for name, kwargs, match in [("partial", {"layers_to_transform": [0, 1]}, "missing ['bert.encoder.layer.2"),
-                                ("mlp", {"target_modules": ["query", "key", "value", "dense"]}, "also adapts ['dense']"),
+                                ("mlp", {"target_modules": ["query", "key", "value", "dense"]},
+                                 "also adapts ['dense']"),
                                 ("dora", {"use_dora": True}, "DoRA")]:
         kwargs.setdefault("target_modules", ["query", "key", "value"])
         peft_model = get_peft_model(base_model(base_dir), LoraConfig(r=2, **kwargs))
@@ -209,4 +211,5 @@ def test_train_init_from_a_compressed_lora(tmp_path, capsys):
         torch.testing.assert_close(end[key], start[key], rtol=0, atol=1e-6)
     assert float(start["adapters.all.tensor.core"].abs().max()) > 1e-3  # not a fresh (zero-core) adapter
     saved = json.loads((tmp_path / "ft" / "final_adapter" / "tenslora_config.json").read_text())
-    assert saved["config"]["ranks"] == json.loads((tmp_path / "c" / "tenslora_config.json").read_text())["config"]["ranks"]
+    compressed = json.loads((tmp_path / "c" / "tenslora_config.json").read_text())
+    assert saved["config"]["ranks"] == compressed["config"]["ranks"]

@@ -13,7 +13,8 @@ def export_command(
     format: Annotated[str, typer.Option("--format", help="peft (a standard PEFT LoRA) or merged (a plain HF model)")]
     = "peft",
     model: Annotated[Optional[str], typer.Option(help="base model directory (default: from the run)")] = None,
-    head: Annotated[bool, typer.Option("--head/--no-head", help="peft: include the task head (modules_to_save)")] = True,
+    head: Annotated[bool, typer.Option("--head/--no-head", help="peft: include the task head (modules_to_save)")] \
+        = True,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
 ) -> None:
     """Export an adapter exactly: to a PEFT LoRA directory (vLLM, TGI, llama.cpp) or a merged HF model."""
