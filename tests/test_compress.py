@@ -213,3 +213,32 @@ def test_train_init_from_a_compressed_lora(tmp_path, capsys):
     saved = json.loads((tmp_path / "ft" / "final_adapter" / "tenslora_config.json").read_text())
     compressed = json.loads((tmp_path / "c" / "tenslora_config.json").read_text())
     assert saved["config"]["ranks"] == compressed["config"]["ranks"]
+
+
+def test_grouped_query_attention(tmp_path):
+    """K/V narrower than Q: per-projection constructions fit it exactly (ranks above the K/V head count are
+    zero-padded); stacking q/k/v into one tensor is refused in one line before anything is written."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import tiny_llama_gqa
+    base = tmp_path / "llama"
+    tiny_llama_gqa().save_pretrained(base)
+    adapted = get_adapted_model(AutoModelForSequenceClassification.from_pretrained(base),
+                                TensLoRAConfig("lora", ranks=2))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    src = adapted.save_adapter(tmp_path / "lora")
+    report = compress_lora(src, "att_depth", "tucker", "32_8_4_2", tmp_path / "c", model=str(base))
+    assert report["relative_error"] < 1e-6
+    ids = torch.tensor([[5, 6, 7, 8]])
+    back = load_adapted_model(AutoModelForSequenceClassification.from_pretrained(base), tmp_path / "c").eval()
+    lora = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), src).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, lora(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="grouped-query"):
+        compress_lora(src, "qkv_depth", "tucker", "2", tmp_path / "q", model=str(base))
+    assert not (tmp_path / "q").exists()
