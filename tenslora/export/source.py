@@ -2,9 +2,8 @@
 
 A source is a saved adapter directory (``tenslora_config.json``, or a plain PEFT LoRA directory with
 ``adapter_config.json``) or a run directory of ``tenslora train`` (its ``best_adapter`` is taken). The
-base model is ``--model`` when given, else the run's resolved model directory (``config.json`` of the
-run, or of the directory holding the adapter), else PEFT's ``base_model_name_or_path`` if it is a
-local directory.
+base model is ``--model`` when given, else the run's resolved model (``config.json`` of the run, or
+of the directory holding the adapter), else PEFT's ``base_model_name_or_path``.
 """
 from __future__ import annotations
 
@@ -59,8 +58,6 @@ def resolve_source(src: str | Path, model: str | None = None) -> Source:
     if peft_config is not None and record is None and peft_config.get("peft_type") != "LORA":
         raise ValueError(f"{adapter_dir} holds a PEFT {peft_config.get('peft_type')!r} adapter; only LORA is allowed")
     model_path = model or (run or {}).get("model_path") or (peft_config or {}).get("base_model_name_or_path")
-    if model is None and model_path and not Path(model_path).is_dir():
-        model_path = None  # a hub id recorded elsewhere: the hub may be unreachable, ask for --model
     if not model_path:
         raise ValueError(f"cannot tell the base model of {adapter_dir}: pass --model PATH (a model directory)")
     return Source(adapter_dir, record, peft_config, run, str(model_path))
