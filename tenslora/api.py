@@ -71,8 +71,13 @@ def read_adapter_record(path: str | Path) -> dict:
     return read_json(path / CONFIG_FILE, f"{path} is not a saved adapter (no {CONFIG_FILE})")
 
 
-def _weights_file(path: Path) -> Path:
-    return path / (WEIGHTS_FILE if (path / CONFIG_FILE).is_file() else TRAINER_WEIGHTS_FILE)
+def read_adapter_weights(path: str | Path) -> dict:
+    """The adapter and head tensors of a saved adapter (``tenslora_config.json`` + ``adapter_model.safetensors``,
+    or a ``transformers.Trainer`` output), without the config record."""
+    path = Path(path)
+    tensors = read_weights(path / (WEIGHTS_FILE if (path / CONFIG_FILE).is_file() else TRAINER_WEIGHTS_FILE))
+    tensors.pop(RECORD_KEY, None)
+    return tensors
 
 
 def load_adapted_model(model: nn.Module, path: str | Path) -> AdaptedModel:
@@ -87,7 +92,6 @@ def load_adapted_model(model: nn.Module, path: str | Path) -> AdaptedModel:
     _refuse_adapted(model)
     config = TensLoRAConfig.from_dict(record["config"])
     check_fingerprint(record["model"], fingerprint(model, model_shape(model, find_targets(model, config.target_modules))))
-    tensors = read_weights(_weights_file(Path(path)))
-    tensors.pop(RECORD_KEY, None)
+    tensors = read_adapter_weights(path)
     with _all_or_nothing(model):
         return ADAPTED_MODELS[method].from_pretrained(model, path, config, tensors)

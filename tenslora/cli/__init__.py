@@ -7,6 +7,7 @@ import sys
 import typer
 
 from tenslora.cli import bench
+from tenslora.cli import export as export_cli
 from tenslora.cli import models
 from tenslora.cli import repro
 from tenslora.cli import sweep
@@ -20,6 +21,7 @@ app.add_typer(models.app, name="models")
 app.add_typer(sweep.app, name="sweep")
 app.add_typer(repro.app, name="repro")
 train_cli.register(app)
+export_cli.register(app)
 app.command("allocate")(allocate_cli.allocate)
 
 

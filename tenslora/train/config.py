@@ -48,6 +48,8 @@ class TrainConfig:
     dropout: float = _opt(0.0, "adapter input dropout")
     init: str = _opt("orthogonal", "factor initialisation")
     target_modules: str | None = _opt(None, "comma-separated projection names to adapt (default: per architecture)")
+    init_from: str | None = _opt(None, "start from this saved tenslora adapter (e.g. tenslora compress's): its ranks, "
+                                 "alpha, targets and weights (head included); --construction/--factorization must match")
     # optimisation -------------------------------------------------------------------------------
     lr: float = _opt(3e-3, "base learning rate (adapters need far more than full fine-tuning's 1e-5)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -115,6 +117,8 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in the "
                              "run directory, --overwrite replaces it")
+        if self.init_from and str(self.ranks).strip().lower() == "auto":
+            raise ValueError("--init-from takes its ranks from the saved adapter; drop --ranks auto")
         self.mode_lr_dict()  # validate early
 
     # derived ------------------------------------------------------------------------------------

@@ -114,6 +114,8 @@ def load_preprocessor(path: str, kind: str, image_size: int | None = None):
 
 def adapter_config(cfg) -> TensLoRAConfig:
     """The adapter of a run. ``--ranks auto`` is resolved first (:func:`resolve_auto_ranks`)."""
+    if cfg.init_from:
+        return _init_from_config(cfg)
     ranks = cfg.ranks
     if str(ranks).strip().lower() == "auto":
         raise ValueError("--ranks auto must be resolved before building the adapter (see resolve_auto_ranks)")
@@ -121,6 +123,30 @@ def adapter_config(cfg) -> TensLoRAConfig:
     return TensLoRAConfig(construction=cfg.construction, factorization=cfg.factorization,
                           ranks=parse_ranks(str(ranks)), alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
                           seed=cfg.seed, target_modules=targets)
+
+
+def _init_from_config(cfg) -> TensLoRAConfig:
+    """``--init-from DIR``: the saved adapter's config (dropout and seed from the run)."""
+    import dataclasses
+
+    from tenslora.api import read_adapter_record
+    record = read_adapter_record(cfg.init_from)
+    saved = TensLoRAConfig.from_dict(record["config"])
+    if saved.method != "tenslora":
+        raise ValueError(f"--init-from {cfg.init_from} holds a {saved.construction!r} adapter; it takes a tenslora "
+                         "adapter (compress a LoRA first: tenslora compress)")
+    if (cfg.construction, cfg.factorization) != (saved.construction, saved.factorization):
+        raise ValueError(f"--init-from {cfg.init_from} is {saved.construction}/{saved.factorization}; pass "
+                         f"--construction {saved.construction} --factorization {saved.factorization}")
+    return dataclasses.replace(saved, dropout=cfg.dropout, seed=cfg.seed)
+
+
+def load_initial_weights(adapted, path: str) -> None:
+    """Load the adapter and head weights of the saved adapter ``path`` into ``adapted`` (fit and shapes checked)."""
+    from tenslora.api import read_adapter_record, read_adapter_weights
+    from tenslora.targets import check_fingerprint, fingerprint
+    check_fingerprint(read_adapter_record(path)["model"], fingerprint(adapted.base_model, adapted.shape))
+    adapted.load_state_dict(read_adapter_weights(path))
 
 
 def resolve_auto_ranks(cfg) -> str:

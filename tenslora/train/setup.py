@@ -10,7 +10,7 @@ from torch import nn
 
 from tenslora.api import get_adapted_model
 from tenslora.train.modeling import (adapter_config, default_image_size, forward_kwargs, load_classifier,
-                                     load_preprocessor, resolve_model_name)
+                                     load_initial_weights, load_preprocessor, resolve_model_name)
 from tenslora.train.protocol import PreparedData, prepare
 from tenslora.train.tasks import load_task
 
@@ -70,4 +70,6 @@ def build_run(cfg, data: PreparedData | None = None, *, kind: str | None = None,
     path, model, preprocessor = build_model(cfg, kind, num_labels, label_names, problem_type)
     extra = forward_kwargs(model, kind, image_size(cfg))
     adapted = get_adapted_model(model, cap_single_rank(model, adapter_config(cfg)))
+    if cfg.init_from:
+        load_initial_weights(adapted, cfg.init_from)
     return Run(data, path, kind, preprocessor, extra, adapted, label_names, num_labels, problem_type)
