@@ -180,7 +180,7 @@ def _adapter_params(adapted):
 
 def _adapted_modules(adapted):
     if hasattr(adapted, "layers") and isinstance(adapted.layers, dict):
-        return list(adapted.layers.values())
+        return list({id(m): m for m in adapted.layers.values()}.values())
     return [m for m in adapted.base_model.modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {}))]
 
 

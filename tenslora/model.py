@@ -185,9 +185,17 @@ class AdaptedModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         print(summary_line(self, self.adapter_parameters()))
 
+    @classmethod
+    def model_fingerprint(cls, model: nn.Module, config: TensLoRAConfig) -> dict:
+        """What a saved adapter of this class must match on ``model`` (architecture, adapted shapes)."""
+        return fingerprint(model, model_shape(model, find_targets(model, config.target_modules)))
+
+    def _fingerprint(self) -> dict:
+        return fingerprint(self.base_model, self.shape)
+
     def _config_record(self) -> dict:
         return {"method": self.adapter_config.method, "config": self.adapter_config.to_dict(),
-                "model": fingerprint(self.base_model, self.shape), "head_modules": list(self.head_modules)}
+                "model": self._fingerprint(), "head_modules": list(self.head_modules)}
 
 
 class TensLoRAModel(AdaptedModel):
