@@ -46,7 +46,8 @@ ALL_METHODS = ("att", "qkv", "depth", "att_qkv", "att_depth", "qkv_depth", "att_
 WIDTH = 32
 SHRINK_INT = {
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "n_embed", "dim", "embed_dim", "hidden_dim",
-                     "embedding_size", "word_embed_proj_dim", "projection_dim"), WIDTH),
+                     "embedding_size", "word_embed_proj_dim", "projection_dim", "emb_dim"), WIDTH),
+    "entity_vocab_size": 64,
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
                      "decoder_attention_heads"), 4),
     **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers",
@@ -103,9 +104,13 @@ def shrink(config, table: dict[str, int]):
             c.vocab_size = min(attrs["vocab_size"], max([512, *[i + 1 for i in _special_ids(config)]]))
         if isinstance(attrs.get("depths"), (list, tuple)):
             c.depths = [1] * len(attrs["depths"])
-        for key in ("layer_types",):
-            if isinstance(attrs.get(key), list) and len(attrs[key]) > 2 and "num_hidden_layers" in attrs:
-                c.layer_types = attrs[key][: c.num_hidden_layers]
+        kinds = attrs.get("layer_types")
+        if isinstance(kinds, list) and len(kinds) > 2 and "num_hidden_layers" in attrs:
+            # one layer of each kind (at least 2), so hybrids keep an attention layer
+            keep = list(dict.fromkeys(kinds))
+            keep = keep + keep[:1] if len(keep) == 1 else keep
+            c.layer_types = keep
+            c.num_hidden_layers = len(keep)
     return config
 
 
