@@ -211,7 +211,8 @@ def _fused_site(model: nn.Module, path: str, parent: nn.Module, leaf: str, found
                          f"column layout (verified: {', '.join(FUSED_LAYOUTS)}); use construction 'lora' or pass "
                          "target_modules")
     layout = choose(model.config)
-    head_dim = _head_dim(model, parent, _attr([parent], ("embed_dim", "hidden_size")) or d_out // 3)
+    head_dim = _attr([parent], HEAD_DIM_ATTRS) or _head_dim(model, parent, _attr([parent], ("embed_dim", "hidden_size"))
+                                                           or d_out // 3)
     heads = _attr([parent], HEADS_ATTRS) or _attr([parent.config] if hasattr(parent, "config") else [model.config],
                                                  ("num_attention_heads", "n_head"))
     heads = heads or (d_out // 3) // head_dim
