@@ -56,11 +56,23 @@ def _per_head(heads: int, kv_heads: int, head_dim: int) -> list[list[int]]:
     return [[h * 3 * head_dim + p * head_dim + d for h in range(heads) for d in range(head_dim)] for p in range(3)]
 
 
+def _grouped(heads: int, kv_heads: int, head_dim: int) -> list[list[int]]:
+    """Per key/value group ``g``: ``[q heads of g | k_g | v_g]`` (Falcon's new decoder architecture)."""
+    per = heads // kv_heads
+    width = (per + 2) * head_dim
+    q = [(h // per) * width + (h % per) * head_dim + d for h in range(heads) for d in range(head_dim)]
+    k = [g * width + per * head_dim + d for g in range(kv_heads) for d in range(head_dim)]
+    v = [g * width + (per + 1) * head_dim + d for g in range(kv_heads) for d in range(head_dim)]
+    return [q, k, v]
+
+
 # model_type -> (fused leaf names it uses, layout chosen from the model config); each checked in
 # transformers' split code: gpt2 `c_attn(..).split(split_size)`; gpt_bigcode multi_query `split((embed,
 # kv, kv))` else `view(heads, 3 * head_dim).split`; gpt_neox `view(-1, 3 * head_dim).chunk(3)`;
 # bloom/persimmon `view(heads, 3, head_dim)`; mpt `chunk(3)`; modernbert `view(3, -1, head_dim)`;
-# phi3 `qkv[..., :query_pos]`, then key/value blocks.
+# phi3 `qkv[..., :query_pos]`, then key/value blocks; openai-gpt `split(split_size)`; hiera
+# `reshape(..., 3, heads, head_dim)`; falcon `view(-1, heads // kv + 2, head_dim)` (new decoder
+# architecture), `view(heads + 2, head_dim)` (multi-query), else `view(heads, 3, head_dim)`.
 LayoutFn = Callable[[int, int, int], list[list[int]]]
 FUSED_LAYOUTS: dict[str, Callable[[object], LayoutFn]] = {
     "gpt2": lambda c: _blocks,
@@ -73,8 +85,12 @@ FUSED_LAYOUTS: dict[str, Callable[[object], LayoutFn]] = {
     "mpt": lambda c: _blocks,
     "modernbert": lambda c: _blocks,
     "phi3": lambda c: _blocks,
+    "openai-gpt": lambda c: _blocks,
+    "hiera": lambda c: _blocks,
+    "falcon": lambda c: _grouped if c.new_decoder_architecture else _blocks if c.multi_query else _per_head,
 }
 
+_CROSS = re.compile(r"cross|encoder_attn|EncDecAttention", re.IGNORECASE)
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 
 
@@ -272,6 +288,12 @@ def find_targets(model: nn.Module, target_modules: Sequence[str] | None = None) 
         why = f" ({'; '.join(dict.fromkeys(refused))})" if refused else ""
         raise ValueError(f"no attention projections named {tried} found in {type(model).__name__}{why}; "
                          "pass target_modules or use construction 'lora'")
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        cross = [s.path for s in sites if _CROSS.search(s.path)]
+        if cross and len(cross) < len(sites):
+            sites = [s for s in sites if s.path not in cross]
+            refused.append(f"{len(cross)} cross-attention modules ({cross[0]}, ...) are skipped: "
+                           f"{type(model).__name__} has no encoder to feed them (config.is_encoder_decoder is False)")
     if refused:
         import warnings
         warnings.warn(f"some attention modules are not adapted: {'; '.join(dict.fromkeys(refused))}", stacklevel=2)

@@ -230,6 +230,13 @@ FUSED_MODELS = {
     "modernbert": ("ModernBertForSequenceClassification", "ModernBertConfig",
                    dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                         vocab_size=101, pad_token_id=0)),
+    "openai-gpt": ("OpenAIGPTForSequenceClassification", "OpenAIGPTConfig",
+                   dict(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, pad_token_id=0)),
+    **{f"falcon-{arch}": ("FalconForSequenceClassification", "FalconConfig",
+                          dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
+                               pad_token_id=0, **flags))
+       for arch, flags in (("mq", dict(multi_query=True)), ("mha", dict(multi_query=False)),
+                           ("grouped", dict(new_decoder_architecture=True, num_kv_heads=2)))},
 }
 
 
