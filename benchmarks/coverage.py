@@ -145,6 +145,14 @@ def build(model_type: str, class_name: str):
     raise errors[0]
 
 
+_ATTENTION_CLASS = re.compile(r"Attention|Attn")
+
+
+def has_attention(model) -> bool:
+    """Whether any module's class name says attention (a convnet, an SSM or FNet says nothing)."""
+    return any(_ATTENTION_CLASS.search(type(m).__name__) for m in model.modules())
+
+
 def make_inputs(model) -> dict:
     config = model.config
     g = torch.Generator().manual_seed(0)
@@ -215,8 +223,10 @@ def try_method(base, inputs, reference, method: str) -> dict:
         h.remove()
     unused = len(modules) - len(called)
     if unused:
-        return {"status": "unused", "reason": f"{unused} of {len(modules)} adapted modules never called by the forward",
-                "adapted": adapted_desc}
+        status = "unused" if unused == len(modules) else "partly-used"
+        idle = sorted({getattr(adapted, "report", "")} - {""})
+        return {"status": status, "reason": f"{unused} of {len(modules)} adapted modules never called by the forward",
+                "adapted": adapted_desc, "report": idle}
     if new.shape != reference.shape or torch.allclose(new, reference, rtol=1e-4, atol=1e-6):
         return {"status": "no-op", "reason": "output unchanged after perturbing the adapter", "adapted": adapted_desc}
     return {"status": "ok", "adapted": adapted_desc}
@@ -272,6 +282,7 @@ def run(types, methods, cap: int, progress) -> dict:
                 warnings.simplefilter("ignore")
                 base, how, inputs = build(model_type, class_name)
                 entry["built"] = how
+                entry["attention"] = has_attention(base)
                 with torch.no_grad():
                     reference = output(base, inputs)
                 entry["methods"] = {}
@@ -300,31 +311,41 @@ def summarize(results: dict, methods) -> dict:
                 counts[group]["types"]["not built"] += 1
                 continue
             counts[group]["types"]["built"] += 1
+            counts[group]["types"]["attention"] += bool(entry.get("attention", True))
             for method in methods:
-                counts[group][method][entry["methods"][method]["status"]] += 1
+                status = entry["methods"][method]["status"]
+                counts[group][method][status] += 1
+                counts[group][method]["ok with attention"] += status == "ok" and bool(entry.get("attention", True))
         if entry["built"] is None:
             reasons["not built"][reason_key(entry["reason"])].append(model_type)
             continue
         for method in methods:
             r = entry["methods"][method]
             if r["status"] != "ok":
-                reasons[method][f"{r['status']}: {reason_key(r['reason'])}"].append(model_type)
+                tag = "" if entry.get("attention", True) else "[no attention module] "
+                reasons[method][f"{tag}{r['status']}: {reason_key(r['reason'])}"].append(model_type)
     return {"counts": {g: {k: dict(v) for k, v in c.items()} for g, c in counts.items()},
             "reasons": {m: dict(sorted(r.items(), key=lambda kv: -len(kv[1]))) for m, r in reasons.items()}}
 
 
 def markdown(summary: dict, methods, label: str, command: str) -> str:
     lines = [f"### Coverage: {label}", "", f"Command: `{command}`", "",
-             "| group | types | built | not built | " + " | ".join(f"`{m}` ok" for m in methods) + " |",
-             "|---|---|---|---|" + "---|" * len(methods)]
+             "| group | types | built | not built | built, with attention | "
+             + " | ".join(f"`{m}` ok" for m in methods) + " |",
+             "|---|---|---|---|---|" + "---|" * len(methods)]
     for group in (*GROUPS, "all"):
         c = summary["counts"].get(group)
         if not c:
             continue
         t = c["types"]
-        cells = [str(c.get(m, {}).get("ok", 0)) for m in methods]
-        lines.append(f"| {group} | {t['n']} | {t.get('built', 0)} | {t.get('not built', 0)} | " + " | ".join(cells) + " |")
-    lines += ["", "Failure reasons (count: reason: types):", ""]
+        cells = [f"{c.get(m, {}).get('ok', 0)} ({c.get(m, {}).get('ok with attention', 0)})" for m in methods]
+        lines.append(f"| {group} | {t['n']} | {t.get('built', 0)} | {t.get('not built', 0)} | {t.get('attention', 0)} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "`ok (n)`: output changed and every adapted module ran; n of them have an attention module by class "
+              "name. Other statuses: `error` (refused or failed), `no-op` (output unchanged), `unused` (no adapted "
+              "module ran), `partly-used` (some adapted stacks did not run on this input, e.g. a vision tower on a "
+              "text-only input; the adapter listed its stacks in a warning).", "",
+              "Failure reasons (count: reason: types):", ""]
     for method, reasons in summary["reasons"].items():
         lines.append(f"- **{method}**")
         for reason, types in reasons.items():

@@ -3,8 +3,8 @@
 An *attention site* is a module whose children hold the query, key and value projections, either as
 three separate linear modules named by one of :data:`SEPARATE_QKV` (``query, key, value``;
 ``q_proj, k_proj, v_proj``; ``q, k, v``; ...) or as one fused linear module named in
-:data:`FUSED_QKV` (``c_attn``, ``query_key_value``, ``Wqkv``, ``qkv_proj``) whose output columns are
-the three projections in a layout verified against the model's own split code (:data:`FUSED_LAYOUTS`,
+:data:`FUSED_QKV` (``c_attn``, ``query_key_value``, ``Wqkv``, ``qkv_proj``...), inside a module whose
+class name says attention, whose output columns are the three projections in a layout verified against the model's own split code (:data:`FUSED_LAYOUTS`,
 per model type; an unverified layout is refused). A linear module is an ``nn.Linear`` (subclasses
 included), transformers' ``Conv1D`` (weight ``(in, out)``), or a wrapper holding one as ``.linear``.
 
@@ -90,6 +90,7 @@ FUSED_LAYOUTS: dict[str, Callable[[object], LayoutFn]] = {
     "falcon": lambda c: _grouped if c.new_decoder_architecture else _blocks if c.multi_query else _per_head,
 }
 
+_ATTENTION_CLASS = re.compile(r"Attention|Attn")  # a fused candidate's parent must say so (Mamba's in_proj is not Q/K/V)
 _CROSS = re.compile(r"cross|encoder_attn|EncDecAttention", re.IGNORECASE)
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 
@@ -256,7 +257,8 @@ def _sites(model: nn.Module, names: Sequence[Sequence[str]], fused: bool) -> tup
                                    (None,) * len(projections)))
                 break
         else:
-            for leaf in FUSED_QKV if fused else ():
+            attention_like = _ATTENTION_CLASS.search(type(parent).__name__)
+            for leaf in FUSED_QKV if fused and attention_like else ():
                 found = _linear_child(parent, leaf)
                 if found is None:
                     continue
@@ -286,8 +288,9 @@ def find_targets(model: nn.Module, target_modules: Sequence[str] | None = None) 
         allowed = " | ".join(",".join(p) for p in SEPARATE_QKV) + " | fused " + ",".join(FUSED_QKV)
         tried = ",".join(target_modules) if target_modules else allowed
         why = f" ({'; '.join(dict.fromkeys(refused))})" if refused else ""
-        raise ValueError(f"no attention projections named {tried} found in {type(model).__name__}{why}; "
-                         "pass target_modules or use construction 'lora'")
+        short = ",".join(target_modules) if target_modules else "by the synonym table"
+        raise ValueError(f"no attention projections named {short} found in {type(model).__name__}{why}; pass "
+                         f"target_modules or use construction 'lora' (names tried: {tried})")
     if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         cross = [s.path for s in sites if _CROSS.search(s.path)]
         if cross and len(cross) < len(sites):
@@ -303,11 +306,15 @@ def find_targets(model: nn.Module, target_modules: Sequence[str] | None = None) 
     names_by_pattern: dict[str, int] = {}
     for key in stacks:
         names_by_pattern[key[0]] = names_by_pattern.get(key[0], 0) + 1
-    targets = []
+    targets, used_names = [], set()
     for key, members in stacks.items():
         pattern, projections, widths = key
         stack = "" if len(stacks) == 1 else _stack_name(pattern) + (
-            f"_{widths[0][0]}" if names_by_pattern[pattern] > 1 else "")
+            "_" + "_".join(str(w) for w in (widths[0][0], *(o for _, o in widths)))
+            if names_by_pattern[pattern] > 1 else "")
+        if stack and stack in used_names:
+            stack += f"_{len(used_names)}"
+        used_names.add(stack)
         indices = [[int(i) for i in _INDEX.findall(s.path)] for s in members]
         own = [ix[-1] if len(ix) == 1 else None for ix in indices]
         use_own = None not in own and len(set(own)) == len(own)
