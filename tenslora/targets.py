@@ -270,6 +270,22 @@ def _sites(model: nn.Module, names: Sequence[Sequence[str]], fused: bool) -> tup
     return sites, refused
 
 
+def _uncovered_attention(model: nn.Module, site_paths: list[str]) -> list[str]:
+    """A note naming the attention modules (by class name) that hold no adapted site and are inside none
+    (other attention kinds, e.g. latent attention next to plain layers), so partial coverage is never silent."""
+    def related(path: str) -> bool:
+        return any(p == path or p.startswith(path + ".") or path.startswith(p + ".") or not p or not path
+                   for p in site_paths)
+    missed = [p for p, m in model.named_modules()
+              if _ATTENTION_CLASS.search(type(m).__name__) and not related(p)]
+    missed = [p for p in missed if not any(p.startswith(q + ".") for q in missed)]  # outermost only
+    if not missed:
+        return []
+    kinds = sorted({type(model.get_submodule(p)).__name__ for p in missed})
+    return [f"{len(missed)} attention modules ({', '.join(kinds)}; e.g. {missed[0]}) hold no recognised "
+            "Q/K/V projections"]
+
+
 def _pattern(path: str) -> str:
     return _INDEX.sub("N", path)
 
@@ -284,6 +300,8 @@ def find_targets(model: nn.Module, target_modules: Sequence[str] | None = None) 
     ``target_modules``: leaf names of the projections, in ``qkv`` order (default: the synonym table)."""
     names = [tuple(target_modules)] if target_modules else SEPARATE_QKV
     sites, refused = _sites(model, names, fused=not target_modules)
+    if not target_modules and not refused:
+        refused += _uncovered_attention(model, [s.path for s in sites])
     if not sites:
         allowed = " | ".join(",".join(p) for p in SEPARATE_QKV) + " | fused " + ",".join(FUSED_QKV)
         tried = ",".join(target_modules) if target_modules else allowed

@@ -274,3 +274,23 @@ def test_phi3_fused_grouped_query():
     adapted, _ = check_exact(build(cls_name, config_name, num_labels=3, **kw), "qkv", text_inputs(),
                              blocks([32, 16, 16]))
     assert adapted.shape.d_out == (32, 16, 16)
+
+
+def test_attention_without_recognised_projections_is_named():
+    """An attention module of another kind (here a latent-attention stand-in) is never skipped silently."""
+    from conftest import tiny_bert
+    from tenslora.targets import find_targets
+
+    class LatentAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_a_proj = torch.nn.Linear(32, 8)
+
+    model = tiny_bert()
+    model.bert.encoder.layer[1].attention = LatentAttention()
+    with pytest.warns(UserWarning, match=r"1 attention modules \(LatentAttention"):
+        targets = find_targets(model)
+    assert {t.layer for t in targets} == {0, 2}
+    bare = torch.nn.Sequential(LatentAttention())
+    with pytest.raises(ValueError, match="LatentAttention.*hold no recognised Q/K/V"):
+        find_targets(bare)
