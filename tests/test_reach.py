@@ -294,3 +294,35 @@ def test_attention_without_recognised_projections_is_named():
     bare = torch.nn.Sequential(LatentAttention())
     with pytest.raises(ValueError, match="LatentAttention.*hold no recognised Q/K/V"):
         find_targets(bare)
+
+
+def test_separate_conv1d_projections_merge_transposed():
+    """Separate q/k/v held as transformers' Conv1D (weight (in, out)): merging must transpose the update."""
+    from transformers.pytorch_utils import Conv1D
+
+    class Att(torch.nn.Module):
+        num_heads = 2
+
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = Conv1D(8, 6), Conv1D(8, 6), Conv1D(8, 6)
+
+        def forward(self, x):
+            return self.q(x) * self.k(x) + self.v(x)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Att(), Att()])
+
+        def forward(self, x):
+            return sum(layer(x) for layer in self.layers)
+
+    model = Model()
+    adapted = get_adapted_model(model, TensLoRAConfig("att", ranks=2))
+    randomize(adapted)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        unmerged = adapted(x)
+        adapted.merge()
+        assert torch.allclose(adapted(x), unmerged, atol=1e-5)
