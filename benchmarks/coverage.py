@@ -60,7 +60,9 @@ SHRINK_INT = {
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k"), 2),
     **dict.fromkeys(("n_group", "topk_group"), 1),
 }
-SHRINK_DEPTH = {k: v for k, v in SHRINK_INT.items() if v == 2}
+DEPTH_KEYS = {k for k, v in SHRINK_INT.items() if v == 2 and "layers" in k or k == "n_layer"}
+SHRINK_DEPTH = {k: SHRINK_INT[k] for k in DEPTH_KEYS}
+SHRINK_WIDTH = {k: v for k, v in SHRINK_INT.items() if k not in DEPTH_KEYS}  # hybrids whose 2 first layers hold no attention
 
 
 def _configs(config):
@@ -96,11 +98,13 @@ def shrink(config, table: dict[str, int]):
         for k, v in table.items():
             if isinstance(attrs.get(k), int) and not isinstance(attrs.get(k), bool) and attrs[k] > v:
                 setattr(c, k, v)
+        if "use_cache" in attrs:
+            c.use_cache = False  # one forward, no generation: hybrids' caches need not be built
         if "num_experts_per_tok" in attrs and attrs["num_experts_per_tok"] is None:
             c.num_experts_per_tok = 2
         if isinstance(kv, int) and isinstance(heads, int) and "num_attention_heads" in table:
             setattr(c, "num_key_value_heads", 1 if kv == 1 else (2 if kv < heads else c.num_attention_heads))
-        if "vocab_size" in attrs and isinstance(attrs["vocab_size"], int) and table is SHRINK_INT:
+        if "vocab_size" in attrs and isinstance(attrs["vocab_size"], int) and "vocab_size" not in table and WIDTH in table.values():
             c.vocab_size = min(attrs["vocab_size"], max([512, *[i + 1 for i in _special_ids(config)]]))
         if isinstance(attrs.get("depths"), (list, tuple)):
             c.depths = [1] * len(attrs["depths"])
@@ -119,8 +123,8 @@ def build(model_type: str, class_name: str):
     import transformers
     from transformers import AutoConfig
     cls = getattr(transformers, class_name)
-    errors = []
-    for how, table in (("tiny", SHRINK_INT), ("depth-only", SHRINK_DEPTH)):
+    errors, without_attention = [], None
+    for how, table in (("tiny", SHRINK_INT), ("tiny, full depth", SHRINK_WIDTH), ("depth-only", SHRINK_DEPTH)):
         try:
             config = shrink(AutoConfig.for_model(model_type), table)
             config.num_labels = 3
@@ -139,9 +143,13 @@ def build(model_type: str, class_name: str):
             inputs = make_inputs(model)
             with torch.no_grad():
                 output(model, inputs)
-            return model, how, inputs
+            if has_attention(model):
+                return model, how, inputs
+            without_attention = without_attention or (model, how, inputs)
         except Exception as err:  # noqa: BLE001 - every failure is a counted reason
             errors.append(err)
+    if without_attention is not None:
+        return without_attention
     raise errors[0]
 
 
