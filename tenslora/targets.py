@@ -70,7 +70,8 @@ def _grouped(heads: int, kv_heads: int, head_dim: int) -> list[list[int]]:
 # transformers' split code: gpt2 `c_attn(..).split(split_size)`; gpt_bigcode multi_query `split((embed,
 # kv, kv))` else `view(heads, 3 * head_dim).split`; gpt_neox `view(-1, 3 * head_dim).chunk(3)`;
 # bloom/persimmon `view(heads, 3, head_dim)`; mpt `chunk(3)`; modernbert `view(3, -1, head_dim)`;
-# phi3 `qkv[..., :query_pos]`, then key/value blocks; openai-gpt `split(split_size)`; hiera
+# phi3, phi4_multimodal `qkv[..., :query_pos]`, then key/value blocks; gpt_neox_japanese
+# `view(heads, 3 * head_size)`; openai-gpt `split(split_size)`; hiera
 # `reshape(..., 3, heads, head_dim)`; falcon `view(-1, heads // kv + 2, head_dim)` (new decoder
 # architecture), `view(heads + 2, head_dim)` (multi-query), else `view(heads, 3, head_dim)`.
 LayoutFn = Callable[[int, int, int], list[list[int]]]
@@ -85,6 +86,8 @@ FUSED_LAYOUTS: dict[str, Callable[[object], LayoutFn]] = {
     "mpt": lambda c: _blocks,
     "modernbert": lambda c: _blocks,
     "phi3": lambda c: _blocks,
+    "phi4_multimodal": lambda c: _blocks,
+    "gpt_neox_japanese": lambda c: _per_head,
     "openai-gpt": lambda c: _blocks,
     "hiera": lambda c: _blocks,
     "falcon": lambda c: _grouped if c.new_decoder_architecture else _blocks if c.multi_query else _per_head,
@@ -221,19 +224,19 @@ class _Site:
 def _fused_site(model: nn.Module, path: str, parent: nn.Module, leaf: str, found) -> _Site:
     rel, module = found
     d_in, d_out = _widths(module)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(parent, "config", None) or model.config  # the attention's own (sub-)config where it keeps one
+    model_type = getattr(config, "model_type", None)
     choose = FUSED_LAYOUTS.get(model_type)
     if choose is None:
         raise ValueError(f"fused Q/K/V module {path + '.' + rel!r} of model type {model_type!r} has no verified "
                          f"column layout (verified: {', '.join(FUSED_LAYOUTS)}); use construction 'lora' or pass "
                          "target_modules")
-    layout = choose(model.config)
+    layout = choose(config)
     head_dim = _attr([parent], HEAD_DIM_ATTRS) or _head_dim(model, parent, _attr([parent], ("embed_dim", "hidden_size"))
                                                            or d_out // 3)
-    heads = _attr([parent], HEADS_ATTRS) or _attr([parent.config] if hasattr(parent, "config") else [model.config],
-                                                 ("num_attention_heads", "n_head"))
+    heads = _attr([parent], HEADS_ATTRS) or _attr([config], ("num_attention_heads", "n_head"))
     heads = heads or (d_out // 3) // head_dim
-    kv_heads = _attr([parent], KV_HEADS_ATTRS) or _attr([model.config], KV_HEADS_ATTRS) or heads
+    kv_heads = _attr([parent], KV_HEADS_ATTRS) or _attr([config], KV_HEADS_ATTRS) or heads
     if layout is _blocks and heads * head_dim + 2 * kv_heads * head_dim != d_out:
         kv_heads = (d_out - heads * head_dim) // (2 * head_dim)  # multi-query: one key/value head
     columns = layout(heads, kv_heads, head_dim)
