@@ -235,7 +235,8 @@ def try_method(base, inputs, reference, method: str) -> dict:
         idle = sorted({getattr(adapted, "report", "")} - {""})
         return {"status": status, "reason": f"{unused} of {len(modules)} adapted modules never called by the forward",
                 "adapted": adapted_desc, "report": idle}
-    if new.shape != reference.shape or torch.allclose(new, reference, rtol=1e-4, atol=1e-6):
+    # relative only: some tiny random models output ~1e-40 logits, where any absolute tolerance hides a change
+    if new.shape != reference.shape or torch.allclose(new, reference, rtol=1e-5, atol=0.0):
         return {"status": "no-op", "reason": "output unchanged after perturbing the adapter", "adapted": adapted_desc}
     return {"status": "ok", "adapted": adapted_desc}
 
