@@ -62,7 +62,8 @@ SHRINK_INT = {
 }
 DEPTH_KEYS = {k for k, v in SHRINK_INT.items() if v == 2 and "layers" in k or k == "n_layer"}
 SHRINK_DEPTH = {k: SHRINK_INT[k] for k in DEPTH_KEYS}
-SHRINK_WIDTH = {k: v for k, v in SHRINK_INT.items() if k not in DEPTH_KEYS}  # hybrids whose 2 first layers hold no attention
+# for hybrids whose 2 first layers hold no attention
+SHRINK_WIDTH = {k: v for k, v in SHRINK_INT.items() if k not in DEPTH_KEYS}
 
 
 def _configs(config):
@@ -104,7 +105,7 @@ def shrink(config, table: dict[str, int]):
             c.num_experts_per_tok = 2
         if isinstance(kv, int) and isinstance(heads, int) and "num_attention_heads" in table:
             setattr(c, "num_key_value_heads", 1 if kv == 1 else (2 if kv < heads else c.num_attention_heads))
-        if "vocab_size" in attrs and isinstance(attrs["vocab_size"], int) and "vocab_size" not in table and WIDTH in table.values():
+        if isinstance(attrs.get("vocab_size"), int) and WIDTH in table.values():  # width-shrinking tables
             c.vocab_size = min(attrs["vocab_size"], max([512, *[i + 1 for i in _special_ids(config)]]))
         if isinstance(attrs.get("depths"), (list, tuple)):
             c.depths = [1] * len(attrs["depths"])
@@ -348,8 +349,8 @@ def markdown(summary: dict, methods, label: str, command: str) -> str:
             continue
         t = c["types"]
         cells = [f"{c.get(m, {}).get('ok', 0)} ({c.get(m, {}).get('ok with attention', 0)})" for m in methods]
-        lines.append(f"| {group} | {t['n']} | {t.get('built', 0)} | {t.get('not built', 0)} | {t.get('attention', 0)} | "
-                     + " | ".join(cells) + " |")
+        counts_row = [t["n"], t.get("built", 0), t.get("not built", 0), t.get("attention", 0)]
+        lines.append(f"| {group} | " + " | ".join(str(c) for c in counts_row) + " | " + " | ".join(cells) + " |")
     lines += ["", "`ok (n)`: output changed and every adapted module ran; n of them have an attention module by class "
               "name. Other statuses: `error` (refused or failed), `no-op` (output unchanged), `unused` (no adapted "
               "module ran), `partly-used` (some adapted stacks did not run on this input, e.g. a vision tower on a "

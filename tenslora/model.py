@@ -224,19 +224,22 @@ class TensLoRAModel(AdaptedModel):
         device = next(iter(model.parameters())).device
         # build everything first; the model is modified only once nothing can fail
         self.adapters = nn.ModuleDict()
+        layout, columns = {}, {}  # over all stacks: tensor name -> mode sizes, -> its projections' columns
         for stack, shape in self.shape.by_stack().items():
-            columns = [column_index(construction, shape, p) for p in range(len(shape.projections))]
+            stack_columns = [column_index(construction, shape, p) for p in range(len(shape.projections))]
             for name, sizes in tensor_layout(construction, shape).items():
-                name = _tensor_name(stack, name)
-                if config.factorization == "tucker":
-                    warn_ranks_above_sizes({m: ranks[m] for m in sizes}, sizes, f"tensor {name!r}: ")
-                    tensor = FACTORIZATIONS["tucker"](list(sizes.values()), [ranks[m] for m in sizes], list(sizes),
-                                                      init=config.init, generator=adapter_generator(config.seed, name))
-                else:
-                    tensor = FACTORIZATIONS["cp"](list(sizes.values()), ranks["input"], list(sizes),
+                layout[_tensor_name(stack, name)] = sizes
+                columns[_tensor_name(stack, name)] = stack_columns
+        for name, sizes in layout.items():
+            if config.factorization == "tucker":
+                warn_ranks_above_sizes({m: ranks[m] for m in sizes}, sizes, f"tensor {name!r}: ")
+                tensor = FACTORIZATIONS["tucker"](list(sizes.values()), [ranks[m] for m in sizes], list(sizes),
                                                   init=config.init, generator=adapter_generator(config.seed, name))
-                self.adapters[name] = TensorAdapter(tensor, construction,
-                                                    columns if construction.qkv else None).to(device)
+            else:
+                tensor = FACTORIZATIONS["cp"](list(sizes.values()), ranks["input"], list(sizes),
+                                              init=config.init, generator=adapter_generator(config.seed, name))
+            self.adapters[name] = TensorAdapter(tensor, construction,
+                                                columns[name] if construction.qkv else None).to(device)
         self.layers: dict[tuple, AdaptedLinear | AdaptedFused] = {}
         placements, fused = [], {}
         for t in targets:
@@ -301,7 +304,9 @@ class TensLoRAModel(AdaptedModel):
     def delta_weight(self, layer, proj: str) -> torch.Tensor:
         """Dense update of one projection, ``(d_out, d_in)``, scaling included (its own column order)."""
         module = self.layer(layer, proj)
-        return module.delta_weight(FUSED_NAMES.index(proj)) if isinstance(module, AdaptedFused) else module.delta_weight()
+        if isinstance(module, AdaptedFused):
+            return module.delta_weight(FUSED_NAMES.index(proj))
+        return module.delta_weight()
 
     def folded_tensor(self, name: str = "all") -> torch.Tensor:
         """The full reconstructed tensor ``name`` (modes as in ``adapters[name].tensor.mode_names``)."""

@@ -4,16 +4,19 @@ An *attention site* is a module whose children hold the query, key and value pro
 three separate linear modules named by one of :data:`SEPARATE_QKV` (``query, key, value``;
 ``q_proj, k_proj, v_proj``; ``q, k, v``; ...) or as one fused linear module named in
 :data:`FUSED_QKV` (``c_attn``, ``query_key_value``, ``Wqkv``, ``qkv_proj``...), inside a module whose
-class name says attention, whose output columns are the three projections in a layout verified against the model's own split code (:data:`FUSED_LAYOUTS`,
-per model type; an unverified layout is refused). A linear module is an ``nn.Linear`` (subclasses
-included), transformers' ``Conv1D`` (weight ``(in, out)``), or a wrapper holding one as ``.linear``.
+class name says attention, whose output columns are the three projections in a layout verified
+against the model's own split code (:data:`FUSED_LAYOUTS`, per model type; others are refused). A
+linear module is an ``nn.Linear`` (subclasses included), transformers' ``Conv1D`` (weight
+``(in, out)``), or a wrapper holding one as ``.linear``.
 
 Sites are grouped into *stacks*: sites with the same path pattern (indices blurred) and the same
 widths, e.g. an encoder's self-attention, a decoder's self-attention, its cross-attention, or one
 stage of a hierarchical vision model. Each stack has its own layers axis (its sites in path order)
 and its own tensors. A model with one stack keeps the plain tensor names (``all``, ``layer_3``...);
 with several, names are prefixed by the stack's name. A module shared by several layers (ALBERT)
-is one site: its update is shared like its weights, as executed.
+is one site: its update is shared like its weights, as executed. Cross-attention is adapted (its own
+stack) in encoder-decoder models, and skipped with a warning where no encoder feeds it. Attention
+modules holding no recognised projections are named in a warning (or in the error if nothing is found).
 """
 from __future__ import annotations
 
@@ -93,7 +96,8 @@ FUSED_LAYOUTS: dict[str, Callable[[object], LayoutFn]] = {
     "falcon": lambda c: _grouped if c.new_decoder_architecture else _blocks if c.multi_query else _per_head,
 }
 
-_ATTENTION_CLASS = re.compile(r"Attention|Attn")  # a fused candidate's parent must say so (Mamba's in_proj is not Q/K/V)
+# a fused candidate's parent must say attention (Mamba's ``in_proj`` is no Q/K/V)
+_ATTENTION_CLASS = re.compile(r"Attention|Attn")
 _CROSS = re.compile(r"cross|encoder_attn|EncDecAttention", re.IGNORECASE)
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 
