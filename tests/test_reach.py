@@ -329,3 +329,21 @@ def test_separate_conv1d_projections_merge_transposed():
         unmerged = adapted(x)
         adapted.merge()
         assert torch.allclose(adapted(x), unmerged, atol=1e-5)
+
+
+def test_cross_attention_without_encoder_is_skipped_and_said():
+    """BartForCausalLM is BART's decoder alone: its cross-attention never runs, so it is skipped with a
+    warning, and every adapted module is called by the forward."""
+    model = build("BartForCausalLM", "BartConfig", d_model=32, encoder_layers=2, decoder_layers=2,
+                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                  vocab_size=101, max_position_embeddings=64)
+    with pytest.warns(UserWarning, match="2 cross-attention modules .* are skipped"):
+        adapted = get_adapted_model(model, TensLoRAConfig("qkv_depth", ranks=2))
+    wrapped = [n for n, m in adapted.base_model.named_modules() if type(m).__name__ == "AdaptedLinear"]
+    assert len(wrapped) == 6 and all(".self_attn." in n for n in wrapped)
+    called = set()
+    for module in adapted.layers.values():
+        module.register_forward_hook(lambda mod, *_: called.add(id(mod)))
+    with torch.no_grad():
+        adapted(**text_inputs())
+    assert called == {id(m) for m in adapted.layers.values()}
