@@ -148,6 +148,8 @@ def test_t5_names_and_three_stacks():
     assert {t.proj for t in targets} == {"q", "k", "v"}
     assert any("EncDecAttention" in t.name for t in targets)  # cross-attention is adapted, in its own stack
     assert len(adapted.adapters) == 3
+    from tenslora.params import predict_adapter_parameters  # summed over the stacks, exactly
+    assert predict_adapter_parameters(adapted.adapter_config, adapted.shape) == adapted.adapter_parameters()
 
 
 def test_bart_encoder_decoder():
@@ -166,6 +168,8 @@ def test_swin_hierarchical_stages_are_stacks():
     adapted, _ = check_exact(model, "qkv_depth", image_inputs(), expect_stacks=2)
     widths = sorted(s.d_in for s in adapted.shape.by_stack().values())
     assert widths == [16, 32]
+    from tenslora.params import predict_adapter_parameters
+    assert predict_adapter_parameters(adapted.adapter_config, adapted.shape) == adapted.adapter_parameters()
 
 
 def test_clip_heads_from_vision_sub_config():
@@ -347,3 +351,42 @@ def test_cross_attention_without_encoder_is_skipped_and_said():
     with torch.no_grad():
         adapted(**text_inputs())
     assert called == {id(m) for m in adapted.layers.values()}
+
+
+def test_multi_stack_and_fused_adapters_save_and_load(tmp_path):
+    from tenslora import load_adapted_model
+    t5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=101, decoder_start_token_id=0,
+              pad_token_id=0, num_labels=3)
+    gpt2 = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, num_labels=3, pad_token_id=0)
+    for cls_name, config_name, kw, inputs in (("T5ForSequenceClassification", "T5Config", t5, text_inputs(eos=1)),
+                                              ("GPT2ForSequenceClassification", "GPT2Config", gpt2, text_inputs())):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adapted = get_adapted_model(build(cls_name, config_name, **kw), TensLoRAConfig("att_qkv_depth", ranks=2))
+            randomize(adapted)
+            adapted.save_adapter(tmp_path / cls_name)
+            loaded = load_adapted_model(build(cls_name, config_name, **kw), tmp_path / cls_name)
+        with torch.no_grad():
+            assert torch.allclose(loaded(**inputs).logits, adapted(**inputs).logits, atol=1e-6)
+
+
+def test_lora_on_peft_defaults_saves_and_loads(tmp_path):
+    from tenslora import load_adapted_model
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=101,
+              num_labels=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = get_adapted_model(build("DebertaForSequenceClassification", "DebertaConfig", **kw),
+                                 TensLoRAConfig("lora", ranks=2))
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.3, generator=torch.Generator().manual_seed(3))
+        lora.save_adapter(tmp_path / "lora")
+        loaded = load_adapted_model(build("DebertaForSequenceClassification", "DebertaConfig", **kw), tmp_path / "lora")
+    inputs = text_inputs()
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs).logits, lora(**inputs).logits, atol=1e-6)
+    wrong = build("DebertaForSequenceClassification", "DebertaConfig", **{**kw, "num_hidden_layers": 3})
+    with pytest.raises(ValueError, match="adapter does not fit this model"):
+        load_adapted_model(wrong, tmp_path / "lora")
