@@ -390,3 +390,42 @@ def test_lora_on_peft_defaults_saves_and_loads(tmp_path):
     wrong = build("DebertaForSequenceClassification", "DebertaConfig", **{**kw, "num_hidden_layers": 3})
     with pytest.raises(ValueError, match="adapter does not fit this model"):
         load_adapted_model(wrong, tmp_path / "lora")
+
+
+def test_wrapper_holding_a_linear_and_linear_subclass():
+    """Moshi-style wrappers (``q_proj.linear``) and ``nn.Linear`` subclasses are adapted like ``nn.Linear``."""
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    class MyLinear(torch.nn.Linear):
+        pass
+
+    class Attention(torch.nn.Module):
+        num_heads = 2
+
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = Wrapper(), MyLinear(8, 8), Wrapper()
+
+        def forward(self, x):
+            return self.q_proj(x) * self.k_proj(x) + self.v_proj(x)
+
+    model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([Attention(), Attention()])})
+    model.forward = lambda x: sum(layer(x) for layer in model["layers"])
+    from tenslora.targets import find_targets
+    assert [t.name for t in find_targets(model)][:3] == ["layers.0.q_proj.linear", "layers.0.k_proj",
+                                                         "layers.0.v_proj.linear"]
+    adapted = get_adapted_model(model, TensLoRAConfig("att_qkv_depth", ranks=2))
+    randomize(adapted)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        layer = model["layers"][0]
+        q, k, v = (layer.q_proj.linear, layer.k_proj, layer.v_proj.linear)
+        assert torch.allclose(q(x), q.base_layer(x) + x @ adapted.delta_weight(0, "q_proj").T, atol=1e-6)
+        assert torch.allclose(k(x), k.base_layer(x) + x @ adapted.delta_weight(0, "k_proj").T, atol=1e-6)
+        assert torch.allclose(v(x), v.base_layer(x) + x @ adapted.delta_weight(0, "v_proj").T, atol=1e-6)
