@@ -17,7 +17,7 @@ from tenslora.lora import LoraModel
 from tenslora.model import (CONFIG_FILE, RECORD_KEY, TRAINER_WEIGHTS_FILE, WEIGHTS_FILE, AdaptedModel, TensLoRAModel,
                             decode_record, read_weights)
 from tenslora.probe import HeadOnlyModel
-from tenslora.targets import check_fingerprint, find_targets, fingerprint, model_shape
+from tenslora.targets import check_fingerprint
 
 ADAPTED_MODELS: dict[str, type[AdaptedModel]] = {"tenslora": TensLoRAModel, "lora": LoraModel,
                                                   "none": HeadOnlyModel}
@@ -91,7 +91,7 @@ def load_adapted_model(model: nn.Module, path: str | Path) -> AdaptedModel:
         raise ValueError(f"{path}: unknown adapter method {method!r}; allowed: {', '.join(ADAPTED_MODELS)}")
     _refuse_adapted(model)
     config = TensLoRAConfig.from_dict(record["config"])
-    check_fingerprint(record["model"], fingerprint(model, model_shape(model, find_targets(model, config.target_modules))))
+    check_fingerprint(record["model"], ADAPTED_MODELS[method].model_fingerprint(model, config))
     tensors = read_adapter_weights(path)
     with _all_or_nothing(model):
         return ADAPTED_MODELS[method].from_pretrained(model, path, config, tensors)

@@ -25,7 +25,8 @@ from tenslora.export import load_peft
 from tenslora.export.source import check_output, load_base, resolve_source, saved_tensors
 from tenslora.layout import column_index
 from tenslora.model import TensLoRAModel
-from tenslora.targets import PROJECTION_SETS, check_fingerprint, find_targets, fingerprint, model_shape
+from tenslora.lora import LoraModel
+from tenslora.targets import SEPARATE_QKV, check_fingerprint, find_targets, model_shape
 from tenslora.tensor.factorized import CP, TensorTrain, Tucker
 
 PEFT_PREFIX = "base_model.model."
@@ -35,7 +36,7 @@ def lora_targets(names: set[str]) -> tuple[str, ...]:
     """The projection leaf names a LoRA adapts, in their projection set's order; ValueError if it also
     adapts other modules (e.g. MLP layers), which no construction holds."""
     leaves = {n.rsplit(".", 1)[-1] for n in names}
-    best = max(PROJECTION_SETS, key=lambda projections: len(leaves & set(projections)))
+    best = max(SEPARATE_QKV, key=lambda projections: len(leaves & set(projections)))
     if not leaves & set(best):
         return tuple(sorted(leaves))  # custom projection names: the grid check decides
     if leaves - set(best):
@@ -155,8 +156,8 @@ def compress_lora(src: str | Path, construction: str, factorization: str, ranks,
                          f"layers {list(shape.layers)}: missing {sorted(missing)[:3]}, "
                          f"also adapted {sorted(extra)[:3]}")
     if source.record is not None and source.record.get("method") == "lora":
-        check_fingerprint(source.record["model"], fingerprint(base, model_shape(base, find_targets(
-            base, source.record["config"].get("target_modules")))))
+        check_fingerprint(source.record["model"],
+                          LoraModel.model_fingerprint(base, TensLoRAConfig.from_dict(source.record["config"])))
     heads = tuple(source.peft_config.get("modules_to_save") or ())
     config = TensLoRAConfig(construction, factorization, ranks=ranks, seed=seed,
                             dropout=float(source.peft_config.get("lora_dropout") or 0.0),

@@ -42,18 +42,23 @@ class AdaptedLinear(nn.Module):
         update = (self.dropout(x).to(a.dtype) @ a) @ b
         return out + (self.scaling * update).to(out.dtype)
 
+    def _weight_delta(self) -> torch.Tensor:
+        """``delta_weight()`` in the base weight's layout (transformers' ``Conv1D`` stores ``(in, out)``)."""
+        delta = self.delta_weight()
+        return delta if isinstance(self.base_layer, nn.Linear) else delta.T
+
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
             weight = self.base_layer.weight
-            weight += self.delta_weight().to(weight.device, weight.dtype)
+            weight += self._weight_delta().to(weight.device, weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             weight = self.base_layer.weight
-            weight -= self.delta_weight().to(weight.device, weight.dtype)
+            weight -= self._weight_delta().to(weight.device, weight.dtype)
             self.merged = False
 
     def extra_repr(self) -> str:

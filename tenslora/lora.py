@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,11 +11,32 @@ from torch import nn
 from tenslora.config import TensLoRAConfig
 from tenslora.io import write_dir_atomic
 from tenslora.model import CONFIG_FILE, AdaptedModel, adapter_generator
-from tenslora.targets import find_head_modules, find_targets, model_shape
+from tenslora.targets import Target, describe_targets, find_head_modules, find_targets, fingerprint, model_shape
+
+
+def lora_target_modules(model: nn.Module, target_modules=None) -> tuple[list[Target], list[str] | None]:
+    """``(targets, peft_names)``: TensLoRA's Q/K/V targets where it finds them (no tensor constraint:
+    any widths, any stacks, fused modules whole), else PEFT's own default target names for the model
+    type (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``); ValueError if neither knows."""
+    try:
+        return find_targets(model, target_modules), None
+    except ValueError as err:
+        if target_modules:
+            raise
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in PEFT_DEFAULTS:
+            raise ValueError(f"{err}; PEFT has no default LoRA targets for model type {model_type!r} either") from None
+        return [], list(PEFT_DEFAULTS[model_type])
+
+
+def _module_widths(module: nn.Module) -> tuple[int, ...]:
+    weight = getattr(module, "weight", None)
+    return tuple(weight.shape) if weight is not None else ()
 
 
 class LoraModel(AdaptedModel):
-    """``peft.get_peft_model`` with a ``LoraConfig`` whose targets are found like TensLoRA's."""
+    """``peft.get_peft_model`` with a ``LoraConfig`` on TensLoRA's Q/K/V targets, else PEFT's defaults."""
 
     def __init__(self, model: nn.Module, config: TensLoRAConfig, load_from: str | Path | None = None):
         super().__init__()
@@ -22,15 +44,19 @@ class LoraModel(AdaptedModel):
         if config.method != "lora":
             raise ValueError(f"LoraModel takes construction 'lora', not {config.construction!r}")
         self.adapter_config = config
-        self.targets = find_targets(model, config.target_modules)
-        self.shape = model_shape(model, self.targets)
+        self.targets, peft_names = lora_target_modules(model, config.target_modules)
+        try:
+            self.shape = model_shape(model, self.targets) if self.targets else None
+        except ValueError:  # LoRA needs no common tensor shape: widths may differ by stack or stage
+            self.shape = None
+        self._model_record = self.model_fingerprint(model, config)  # before PEFT wraps the modules
         self.head_modules = find_head_modules(model, config.modules_to_save)
         if load_from is not None:
             peft_model = PeftModel.from_pretrained(model, str(load_from), is_trainable=True)
         else:
             rank = config.mode_ranks()["input"]
             lora_config = LoraConfig(r=rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                                     target_modules=[t.name for t in self.targets],
+                                     target_modules=list(dict.fromkeys(t.name for t in self.targets)) or peft_names,
                                      modules_to_save=[p.rsplit(".", 1)[-1] for p in self.head_modules] or None)
             # PEFT draws from the global RNG: fork it so the caller's RNG state is untouched.
             with torch.random.fork_rng(devices=[]):
@@ -38,6 +64,30 @@ class LoraModel(AdaptedModel):
                 peft_model = get_peft_model(model, lora_config)
         self.peft_model = peft_model
         self.base_model = model
+        self.adapted_modules = [n for n, m in model.named_modules() if getattr(m, "lora_A", None)]
+        self.report = describe_targets(self.targets) if self.targets else \
+            f"PEFT defaults {peft_names}: {len(self.adapted_modules)} modules"
+        if not self.targets:
+            warnings.warn(f"{type(model).__name__}: no Q/K/V projections found; LoRA adapts PEFT's default targets "
+                          f"{peft_names} ({len(self.adapted_modules)} modules)", stacklevel=3)
+
+    @classmethod
+    def model_fingerprint(cls, model: nn.Module, config: TensLoRAConfig) -> dict:
+        """As TensLoRA's where the targets have one tensor shape (the format of earlier LoRA adapters),
+        else the model type and every adapted module with its weight's shape."""
+        targets, peft_names = lora_target_modules(model, config.target_modules)
+        try:
+            return fingerprint(model, model_shape(model, targets))
+        except (ValueError, IndexError):
+            pass
+        names = list(dict.fromkeys(t.name for t in targets)) if targets else [
+            n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in peft_names]
+        config_ = getattr(model, "config", None)
+        return {"model_type": getattr(config_, "model_type", type(model).__name__),
+                "modules": {n: list(_module_widths(model.get_submodule(n))) for n in names}}
+
+    def shape_fingerprint(self) -> dict:
+        return self._model_record
 
     def _forward(self, *args, **kwargs):
         return self.peft_model(*args, **kwargs)
@@ -53,9 +103,9 @@ class LoraModel(AdaptedModel):
     def adapter_parameters(self) -> int:
         return sum(p.numel() for n, p in self.peft_model.named_parameters() if "lora_" in n)
 
-    def lora_layer(self, layer: int, proj: str) -> nn.Module:
+    def lora_layer(self, layer, proj: str) -> nn.Module:
         for t in self.targets:
-            if t.layer == layer and t.proj == proj:
+            if (t.layer if not t.stack else (t.stack, t.layer)) == layer and t.proj == proj:
                 return self.base_model.get_submodule(t.name)
         raise ValueError(f"no adapted projection {proj!r} in layer {layer}")
 

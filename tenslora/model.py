@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,10 +16,12 @@ from tenslora.config import TensLoRAConfig, warn_ranks_above_sizes
 from tenslora.errors import DamagedFileError
 from tenslora.constructions import get_construction
 from tenslora.io import write_dir_atomic
+from tenslora.fused import AdaptedFused
 from tenslora.layer import AdaptedLinear
 from tenslora.layout import column_index, tensor_layout
 from tenslora.params import summary_line
-from tenslora.targets import find_head_modules, find_targets, fingerprint, model_shape
+from tenslora.targets import (FUSED_NAMES, Target, describe_targets, find_head_modules, find_targets, fingerprint,
+                               model_shape)
 from tenslora.tensor.factorized import FACTORIZATIONS
 
 CONFIG_FILE = "tenslora_config.json"
@@ -52,6 +55,16 @@ def encode_record(record: dict) -> torch.Tensor:
 
 def decode_record(tensor: torch.Tensor) -> dict:
     return json.loads(bytes(tensor.tolist()).decode())
+
+
+def _tensor_name(stack: str, name: str) -> str:
+    """Adapter tensor name: the construction's name, prefixed by the stack's when there are several."""
+    return f"{stack}__{name}" if stack else name
+
+
+def _layer_key(t: Target) -> tuple:
+    """Key of ``TensLoRAModel.layers``: ``(layer, proj)``, or ``((stack, layer), proj)`` with several stacks."""
+    return ((t.stack, t.layer) if t.stack else t.layer, t.proj)
 
 
 class _BoundForward:
@@ -172,9 +185,17 @@ class AdaptedModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         print(summary_line(self, self.adapter_parameters()))
 
+    @classmethod
+    def model_fingerprint(cls, model: nn.Module, config: TensLoRAConfig) -> dict:
+        """What a saved adapter of this class must match on ``model`` (architecture, adapted shapes)."""
+        return fingerprint(model, model_shape(model, find_targets(model, config.target_modules)))
+
+    def shape_fingerprint(self) -> dict:
+        return fingerprint(self.base_model, self.shape)
+
     def _config_record(self) -> dict:
         return {"method": self.adapter_config.method, "config": self.adapter_config.to_dict(),
-                "model": fingerprint(self.base_model, self.shape), "head_modules": list(self.head_modules)}
+                "model": self.shape_fingerprint(), "head_modules": list(self.head_modules)}
 
 
 class TensLoRAModel(AdaptedModel):
@@ -194,29 +215,49 @@ class TensLoRAModel(AdaptedModel):
         construction = get_construction(config.construction)
         targets = find_targets(model, config.target_modules)
         self.shape = model_shape(model, targets)
-        layout = tensor_layout(construction, self.shape)
-        columns = [column_index(construction, self.shape, p) for p in range(len(self.shape.projections))]
+        self.report = describe_targets(targets)
+        if self.shape.stacks:
+            warnings.warn(f"{type(model).__name__}: {len(self.shape.stacks)} attention stacks, each with its own "
+                          f"tensors:\n{self.report}", stacklevel=3)
         head_modules = find_head_modules(model, config.modules_to_save)
         ranks = config.mode_ranks()
         device = next(iter(model.parameters())).device
         # build everything first; the model is modified only once nothing can fail
         self.adapters = nn.ModuleDict()
+        layout, columns = {}, {}  # over all stacks: tensor name -> mode sizes, -> its projections' columns
+        for stack, shape in self.shape.by_stack().items():
+            stack_columns = [column_index(construction, shape, p) for p in range(len(shape.projections))]
+            for name, sizes in tensor_layout(construction, shape).items():
+                layout[_tensor_name(stack, name)] = sizes
+                columns[_tensor_name(stack, name)] = stack_columns
         kind = FACTORIZATIONS[config.factorization]
         for name, sizes in layout.items():
             warn_ranks_above_sizes(ranks, kind.rank_caps(sizes), f"tensor {name!r}: ",
                                    "its size" if kind.rank_unit == "mode" else "what its bond can use,")
             tensor = kind.from_mode_ranks(sizes, ranks, config.init, adapter_generator(config.seed, name))
-            self.adapters[name] = TensorAdapter(tensor, construction, columns if construction.qkv else None).to(device)
-        self.layers: dict[tuple[int, str], AdaptedLinear] = {}
-        placements = []
+            self.adapters[name] = TensorAdapter(tensor, construction,
+                                                columns[name] if construction.qkv else None).to(device)
+        self.layers: dict[tuple, AdaptedLinear | AdaptedFused] = {}
+        placements, fused = [], {}
         for t in targets:
+            adapter = self.adapters[_tensor_name(t.stack, construction.group_key(t.proj, t.layer))]
+            index = construction.batch_index(t.proj_index, t.layer_index)
+            if t.columns is not None:
+                fused.setdefault(t.name, []).append((t, adapter, index))
+                continue
             parent_name, _, leaf = t.name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            adapter = self.adapters[construction.group_key(t.proj, t.layer)]
-            layer = AdaptedLinear(getattr(parent, leaf), adapter, construction.batch_index(t.proj_index, t.layer_index),
-                                  config.scaling, config.dropout)
+            layer = AdaptedLinear(getattr(parent, leaf), adapter, index, config.scaling, config.dropout)
             placements.append((parent, leaf, layer))
-            self.layers[(t.layer, t.proj)] = layer
+            self.layers[_layer_key(t)] = layer
+        for name, parts in fused.items():
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layer = AdaptedFused(getattr(parent, leaf), [a for _, a, _ in parts], [i for _, _, i in parts],
+                                 [t.columns for t, _, _ in parts], config.scaling, config.dropout)
+            placements.append((parent, leaf, layer))
+            for t, _, _ in parts:
+                self.layers[_layer_key(t)] = layer
         for p in model.parameters():
             p.requires_grad_(False)
         for parent, leaf, layer in placements:
@@ -249,16 +290,20 @@ class TensLoRAModel(AdaptedModel):
     def adapter_parameters(self) -> int:
         return sum(p.numel() for p in self.adapters.parameters())
 
-    def layer(self, layer: int, proj: str) -> AdaptedLinear:
+    def layer(self, layer, proj: str) -> AdaptedLinear | AdaptedFused:
+        """The module adapting ``proj`` of ``layer`` (with several stacks, ``layer`` is ``(stack, layer)``)."""
         try:
             return self.layers[(layer, proj)]
         except KeyError:
             raise ValueError(f"no adapted projection {proj!r} in layer {layer}; adapted: "
                              f"{sorted(self.layers)}") from None
 
-    def delta_weight(self, layer: int, proj: str) -> torch.Tensor:
-        """Dense update of one projection, ``(d_out, d_in)``, scaling included."""
-        return self.layer(layer, proj).delta_weight()
+    def delta_weight(self, layer, proj: str) -> torch.Tensor:
+        """Dense update of one projection, ``(d_out, d_in)``, scaling included (its own column order)."""
+        module = self.layer(layer, proj)
+        if isinstance(module, AdaptedFused):
+            return module.delta_weight(FUSED_NAMES.index(proj))
+        return module.delta_weight()
 
     def folded_tensor(self, name: str = "all") -> torch.Tensor:
         """The full reconstructed tensor ``name`` (modes as in ``adapters[name].tensor.mode_names``)."""
@@ -268,18 +313,18 @@ class TensLoRAModel(AdaptedModel):
 
     # merging --------------------------------------------------------------------------------
     def merge(self) -> None:
-        for layer in self.layers.values():
+        for layer in dict.fromkeys(self.layers.values()):
             layer.merge()
 
     def unmerge(self) -> None:
-        for layer in self.layers.values():
+        for layer in dict.fromkeys(self.layers.values()):
             layer.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
         """Merge every update into its base weight and return the plain base model."""
         self.merge()
         for name, module in list(self.base_model.named_modules()):
-            if isinstance(module, AdaptedLinear):
+            if isinstance(module, (AdaptedLinear, AdaptedFused)):
                 parent_name, _, leaf = name.rpartition(".")
                 setattr(self.base_model.get_submodule(parent_name), leaf, module.base_layer)
         return self.base_model

@@ -42,6 +42,8 @@ def lora_parameters(shape: ModelShape, rank: int) -> int:
 
 def predict_adapter_parameters(config: TensLoRAConfig, shape: ModelShape) -> int:
     """Trainable adapter parameters (task head excluded) for ``config`` on a model of ``shape``."""
+    if shape.stacks:
+        return sum(predict_adapter_parameters(config, s) for _, s in shape.stacks)
     ranks = config.mode_ranks()
     if config.method == "none":
         return 0

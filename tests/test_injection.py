@@ -189,6 +189,9 @@ def test_rank_above_mode_size_warns():
 def test_heads_must_divide_width():
     model = tiny_bert()
     model.config.num_attention_heads = 5
+    for module in model.modules():  # what the attention modules execute is what counts
+        if hasattr(module, "attention_head_size"):
+            module.num_attention_heads, module.attention_head_size = 5, 7
     with pytest.raises(ValueError, match="5 heads do not divide the projection width 32"):
         get_adapted_model(model, TensLoRAConfig("att", ranks=2))
 

@@ -144,8 +144,8 @@ def _init_from_config(cfg) -> TensLoRAConfig:
 def load_initial_weights(adapted, path: str) -> None:
     """Load the adapter and head weights of the saved adapter ``path`` into ``adapted`` (fit and shapes checked)."""
     from tenslora.api import read_adapter_record, read_adapter_weights
-    from tenslora.targets import check_fingerprint, fingerprint
-    check_fingerprint(read_adapter_record(path)["model"], fingerprint(adapted.base_model, adapted.shape))
+    from tenslora.targets import check_fingerprint
+    check_fingerprint(read_adapter_record(path)["model"], adapted.shape_fingerprint())
     adapted.load_state_dict(read_adapter_weights(path))
 
 
