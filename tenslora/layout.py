@@ -65,3 +65,24 @@ def mode_sizes(construction: Construction, shape: ModelShape, reduce=max) -> dic
 def capped_ranks(rank: int, sizes: dict[str, int]) -> dict[str, int]:
     """One rank for every mode, capped by each mode's size (a larger rank adds no capacity)."""
     return {mode: min(rank, size) for mode, size in sizes.items()}
+
+
+def capped_config(config, shape: ModelShape):
+    """A single rank ``r`` of a factorization with one rank per mode or bond means ``min(r, cap)`` for each:
+    the mode's size (Tucker; e.g. 3 for ``qkv``) or what the bond's unfolding holds (tensor-train), the
+    largest over every tensor of every stack of ``shape``. A larger rank adds parameters but no capacity.
+    Other configs are returned as they are."""
+    import dataclasses
+
+    from tenslora.constructions import get_construction
+    from tenslora.tensor.factorized import FACTORIZATIONS
+    if config.method != "tenslora" or not isinstance(config.ranks, int) or \
+            FACTORIZATIONS[config.factorization].single_rank:
+        return config
+    kind, construction = FACTORIZATIONS[config.factorization], get_construction(config.construction)
+    caps: dict[str, int] = {}
+    for stack in shape.by_stack().values():
+        for sizes in tensor_layout(construction, stack).values():
+            for mode, cap in kind.rank_caps(sizes).items():
+                caps[mode] = max(caps.get(mode, cap), cap)
+    return dataclasses.replace(config, ranks={mode: min(config.ranks, cap) for mode, cap in caps.items()})

@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_bert
 from tenslora import TensLoRAConfig, get_adapted_model, load_adapted_model
-from tenslora.compress import compress_lora
+from tenslora.export.compress import compress_lora
 from tenslora.export import export_adapter
 from test_export import base_dir, base_model, logits, random_adapter  # noqa: F401
 from test_train_utils import run_cli

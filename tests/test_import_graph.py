@@ -96,7 +96,7 @@ def test_no_import_cycle_between_subpackages_and_modules():
 
 
 # The README's flow, top layers: each may import the ones before it (and the core), never one after it.
-LAYERS = ("tenslora.plus", "tenslora.train", "tenslora.sweep", "tenslora.repro", "tenslora.cli")
+LAYERS = ("tenslora.plus", "tenslora.train", "tenslora.export", "tenslora.sweep", "tenslora.repro", "tenslora.cli")
 
 
 def test_imports_follow_the_layers():

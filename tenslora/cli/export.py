@@ -39,7 +39,7 @@ def compress_command(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
 ) -> None:
     """Fit a trained PEFT LoRA's updates with a tensor adapter; report the error and the parameter ratio."""
-    from tenslora.compress import compress_lora
+    from tenslora.export.compress import compress_lora
     r = compress_lora(src, construction, factorization, ranks, output, model=model, iterations=iterations,
                       seed=seed, overwrite=overwrite)
     typer.echo(f"wrote {r['output']} ({construction}/{factorization}, ranks {r['ranks']})")

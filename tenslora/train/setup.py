@@ -47,16 +47,12 @@ def image_size(cfg) -> int | None:
 
 
 def cap_single_rank(model, config):
-    """A single Tucker rank ``r`` means ``min(r, size)`` for each mode: a rank above a mode's size (e.g. 8
-    for the 3-wide ``qkv`` mode) adds parameters but no capacity."""
-    if config.method != "tenslora" or config.factorization != "tucker" or not isinstance(config.ranks, int):
-        return config
-    from tenslora.constructions import get_construction
-    from tenslora.layout import capped_ranks, mode_sizes
+    """``config`` with a single rank capped for ``model`` (:func:`tenslora.layout.capped_config`)."""
+    from tenslora.layout import capped_config
     from tenslora.targets import find_targets, model_shape
-    shape = model_shape(model, find_targets(model, config.target_modules))
-    sizes = mode_sizes(get_construction(config.construction), shape)
-    return dataclasses.replace(config, ranks=capped_ranks(config.ranks, sizes))
+    if config.method != "tenslora" or not isinstance(config.ranks, int):
+        return config
+    return capped_config(config, model_shape(model, find_targets(model, config.target_modules)))
 
 
 def build_run(cfg, data: PreparedData | None = None, *, kind: str | None = None, label_names=None,

@@ -23,7 +23,7 @@ from tenslora.config import TensLoRAConfig, parse_ranks
 from tenslora.constructions import CONSTRUCTIONS, get_construction
 from tenslora.export import load_peft
 from tenslora.export.source import check_output, load_base, resolve_source, saved_tensors
-from tenslora.layout import column_index
+from tenslora.layout import capped_config, column_index
 from tenslora.model import TensLoRAModel
 from tenslora.lora import LoraModel
 from tenslora.targets import SEPARATE_QKV, check_fingerprint, find_targets, model_shape
@@ -162,8 +162,7 @@ def compress_lora(src: str | Path, construction: str, factorization: str, ranks,
     config = TensLoRAConfig(construction, factorization, ranks=ranks, seed=seed,
                             dropout=float(source.peft_config.get("lora_dropout") or 0.0),
                             target_modules=target_modules, modules_to_save=heads)
-    from tenslora.train.setup import cap_single_rank
-    config = cap_single_rank(base, config)
+    config = capped_config(config, shape)
     config = dataclasses.replace(config, alpha=float(config.mode_ranks()["input"]))  # scaling 1
     adapted = TensLoRAModel(base, config)
     dense = stacked_tensors(adapted, updates, targets)
