@@ -266,7 +266,8 @@ def test_tiny_real_two_phase_run(tmp_path, text_model):  # noqa: F811
 
 # -- claim 6's effective rank from a saved adapter, against the full tensors -----------------------
 @pytest.mark.parametrize("construction,factorization,ranks", [("att_qkv_depth", "tucker", (4, 3, 2, 2, 2)),
-                                                               ("qkv_depth", "cp", 5), ("depth", "tucker", (3, 4, 2))])
+                                                               ("qkv_depth", "cp", 5), ("depth", "tucker", (3, 4, 2)),
+                                                               ("att_qkv_depth", "tt", (4, 3, 2, 2))])
 def test_saved_mode_metrics_match_the_full_tensor_unfoldings(tmp_path, bert, construction, factorization, ranks):
     import torch
 

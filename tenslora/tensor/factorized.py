@@ -63,6 +63,19 @@ class FactorizedTensor(nn.Module):
         """``{mode: largest rank that adds capacity}`` for the modes where one exists."""
         return {}
 
+    @classmethod
+    def shape_and_ranks(cls, mode_names: Sequence[str], state: dict[str, torch.Tensor]) -> tuple[list, list]:
+        """``(shape, ranks)`` (constructor arguments) read off a saved ``state_dict``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, mode_names: Sequence[str], state: dict[str, torch.Tensor]) -> "FactorizedTensor":
+        """The tensor a ``state_dict`` of this class describes (shapes and ranks read from it)."""
+        shape, ranks = cls.shape_and_ranks(mode_names, state)
+        tensor = cls(shape, ranks, mode_names)
+        tensor.load_state_dict(state)
+        return tensor
+
     def mode_parameters(self) -> dict[str, nn.Parameter]:
         """``{mode: the parameter of that mode}`` (Tucker/CP: its factor; TT: its core)."""
         return dict(self.factors)
@@ -110,6 +123,11 @@ class Tucker(FactorizedTensor):
     def rank_caps(cls, sizes):
         return dict(sizes)
 
+    @classmethod
+    def shape_and_ranks(cls, mode_names, state):
+        factors = [state[f"factors.{m}"] for m in mode_names]
+        return [f.shape[0] for f in factors], [f.shape[1] for f in factors]
+
     def full(self) -> torch.Tensor:
         return multi_mode_dot(self.core, [self.factors[m] for m in self.mode_names])
 
@@ -147,6 +165,10 @@ class CP(FactorizedTensor):
     @classmethod
     def from_mode_ranks(cls, sizes, ranks, init, generator):
         return cls(list(sizes.values()), ranks[next(iter(sizes))], list(sizes), init=init, generator=generator)
+
+    @classmethod
+    def shape_and_ranks(cls, mode_names, state):
+        return [state[f"factors.{m}"].shape[0] for m in mode_names], state[f"factors.{mode_names[0]}"].shape[1]
 
     def full(self) -> torch.Tensor:
         kr = khatri_rao([self.factors[m] for m in self.mode_names])  # (prod d, R)
@@ -209,6 +231,11 @@ class TensorTrain(FactorizedTensor):
         """Bond ``k`` can use at most ``min(prod d_1..d_k, prod d_{k+1}..d_N)`` (the unfolding's rank)."""
         names, dims = list(sizes), list(sizes.values())
         return {names[k]: min(math.prod(dims[:k + 1]), math.prod(dims[k + 1:])) for k in range(len(dims) - 1)}
+
+    @classmethod
+    def shape_and_ranks(cls, mode_names, state):
+        cores = [state[f"cores.{m}"] for m in mode_names]
+        return [c.shape[1] for c in cores], [c.shape[2] for c in cores[:-1]]
 
     def mode_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.cores)
