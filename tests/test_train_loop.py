@@ -227,3 +227,40 @@ def test_two_processes_on_cpu(tmp_path, text_model):  # noqa: F811
     s = _summary(run)
     assert s["num_processes"] == 2 and s["data_sizes"]["test"] == 6
     assert all(m in s["final"] for m in METRICS)
+
+
+def test_gradient_checkpointing_option_trains_the_same_weights(tmp_path, capsys, text_model):  # noqa: F811
+    """``--gradient-checkpointing`` (transformers' default settings) gives the same adapter as a plain run."""
+    data = write_csv(tmp_path / "d.csv", sentences(40))
+    runs = {}
+    for flag in ("--no-gradient-checkpointing", "--gradient-checkpointing"):
+        run = tmp_path / flag.strip("-")
+        code, _, err = run_cli(["train", "--task", data, "--model", text_model, "--output-dir", run, *QUICK,
+                                "--construction", "att_qkv_depth", flag], capsys)
+        assert code == 0, err
+        runs[flag] = load_file(run / "final_adapter" / "adapter_model.safetensors")
+        assert json.loads((run / "config.json").read_text())["train"]["gradient_checkpointing"] == (
+            flag == "--gradient-checkpointing")
+    plain, checkpointed = runs.values()
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in plain.items() if k.endswith("core"))
+
+
+def test_enable_gradient_checkpointing_turns_it_on_or_refuses():
+    from torch import nn
+
+    from conftest import tiny_bert
+    from tenslora.api import get_adapted_model
+    from tenslora.config import TensLoRAConfig
+    from tenslora.train.session import enable_gradient_checkpointing
+    adapted = get_adapted_model(tiny_bert(), TensLoRAConfig("qkv_depth", ranks=2))
+    assert not adapted.base_model.is_gradient_checkpointing
+    enable_gradient_checkpointing(adapted)
+    assert adapted.base_model.is_gradient_checkpointing
+
+    class Plain(nn.Module):
+        base_model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="--gradient-checkpointing: Linear does not support"):
+        enable_gradient_checkpointing(Plain())

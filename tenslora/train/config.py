@@ -65,6 +65,8 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.06, "fraction of the steps used for linear warmup")
     scheduler: str = _opt("cosine", "learning-rate decay after warmup: cosine, linear, constant, constant_with_warmup")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
+    gradient_checkpointing: bool = _opt(False, "recompute each layer's activations in backward (transformers' "
+                                               "gradient_checkpointing_enable): less activation memory, more compute")
     precision: str = _opt("no", "mixed precision: no, bf16, fp16 (fp16 needs a GPU)")
     cpu: bool = _opt(False, "run on CPU even when a GPU is present")
     threads: int = _opt(0, "torch CPU threads (0: torch's default; 1 is often much faster on a busy, shared CPU)")

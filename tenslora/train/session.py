@@ -137,6 +137,16 @@ def resolve_ranks(cfg: TrainConfig, plan: rundir.Plan) -> TrainConfig:
     return dataclasses.replace(cfg, ranks=ranks)
 
 
+def enable_gradient_checkpointing(adapted) -> None:
+    """``--gradient-checkpointing``: transformers' own, with its default settings (the adapters' slices are
+    computed once per forward, outside the checkpointed blocks, so recomputation sees the same tensors)."""
+    base = adapted.base_model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--gradient-checkpointing: {type(base).__name__} does not support gradient "
+                         "checkpointing in transformers; drop the option")
+    base.gradient_checkpointing_enable()
+
+
 def _prepare(cfg: TrainConfig, accelerator, out: Path, run: Run, callbacks: list) -> Session:
     """Loaders, metric, optimizer and schedule around a built run; everything checked, nothing written."""
     data = run.data
@@ -145,6 +155,8 @@ def _prepare(cfg: TrainConfig, accelerator, out: Path, run: Run, callbacks: list
     allowed = metric_names(run.problem_type, run.num_labels)
     if select not in allowed:
         raise ValueError(f"--select-metric {select!r} is not a validation metric; allowed: {', '.join(allowed)}")
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(run.adapted)
     collate = make_collator(run.kind, run.preprocessor, run.forward_kwargs)
     sampler = EpochSampler(len(data.train), cfg.seed)
     train_loader = make_loader(make_dataset(data.train, run.kind, run.preprocessor, cfg.max_length, regression),
