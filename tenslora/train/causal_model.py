@@ -1,8 +1,6 @@
 """A causal LM and its tokenizer for the ``causal`` task kind (any ``AutoModelForCausalLM``)."""
 from __future__ import annotations
 
-import warnings
-
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -17,26 +15,14 @@ def load_causal_lm(path: str):
     """``AutoModelForCausalLM`` in float32 (mixed precision is Accelerate's job)."""
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    from tenslora.train.modeling import _first_line, load_model_config
+    from tenslora.train.modeling import load_model_config, quiet_loading
     config = load_model_config(path)
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise ValueError(f"model {path!r} ({config.model_type}) is not a causal LM "
                          "(AutoModelForCausalLM does not support it)")
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise FileNotFoundError(f"cannot load model {path!r}: {_first_line(exc)}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    with quiet_loading(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def load_causal_tokenizer(path: str):

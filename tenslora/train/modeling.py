@@ -1,6 +1,7 @@
 """Model, preprocessor and adapter for a run: any HF id or local directory, offline short names."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -71,14 +72,21 @@ def load_classifier(path: str, kind: str, num_labels: int, label_names: list[str
     if label_names:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    with quiet_loading(path):  # "newly initialized head" is expected when fine-tuning
+        return cls.from_pretrained(path, **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_loading(path: str):
+    """Load weights without transformers' warnings and progress bars; a failed load is one line naming ``path``."""
     from transformers.utils import logging as hf_logging
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # "newly initialized head" is expected when fine-tuning
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return cls.from_pretrained(path, **kwargs)
+            yield
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"cannot load model {path!r}: {_first_line(exc)}") from None
     finally:
