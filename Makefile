@@ -23,7 +23,7 @@ $(BIN)/tenslora: pyproject.toml
 install: $(BIN)/tenslora
 
 demo: install
-	$(BIN)/tenslora train --output-dir runs/demo
+	$(BIN)/tenslora train --output-dir runs/demo --resume  # again: continues an interrupted run, keeps a finished one
 
 test: install
 	$(BIN)/python -m pytest -q
