@@ -175,12 +175,12 @@ class CP(FactorizedTensor):
         return kr.sum(dim=1).reshape(self.shape)
 
     def thin_pair(self, col_modes, batch_modes):
-        first = self.factors[self.mode_names[0]]
-        weights = torch.ones((), device=first.device, dtype=first.dtype).expand(self.rank)
-        for mode in batch_modes:  # outer over batch indices, Hadamard over r: (*d_batch, R)
-            weights = weights[..., None, :] * self.factors[mode]
+        weights = None  # outer over batch indices, Hadamard over r: (*d_batch, R); none: all ones
+        for mode in batch_modes:
+            factor = self.factors[mode]
+            weights = factor if weights is None else weights[..., None, :] * factor
         cols = khatri_rao([self.factors[m] for m in col_modes]).T  # (R, prod d_col)
-        return self.factors[self.mode_names[0]], weights[..., :, None] * cols
+        return self.factors[self.mode_names[0]], cols if weights is None else weights[..., :, None] * cols
 
 
 class TensorTrain(FactorizedTensor):
