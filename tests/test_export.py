@@ -229,3 +229,29 @@ def test_gqa_export_is_exact(tmp_path):
                                        rtol=1e-5, atol=1e-5, msg=name)
         exported += 1
     assert exported >= 4  # att, att_depth, depth (per-projection tensors) work today
+
+
+def test_fused_qkv_exports_merged_and_refuses_peft_in_one_line(tmp_path, capsys):
+    """GPT-2's fused ``c_attn`` (a Conv1D): ``--format merged`` is exact; ``--format peft`` says it cannot yet."""
+    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+    base = tmp_path / "gpt2"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        GPT2ForSequenceClassification(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=32,
+                                                 num_labels=2, pad_token_id=0)).save_pretrained(base)
+    adapted = get_adapted_model(AutoModelForSequenceClassification.from_pretrained(base).eval(),
+                                TensLoRAConfig("qkv_depth", ranks=2))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapted.adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    saved = adapted.save_adapter(tmp_path / "a")
+    _fails(capsys, ["export", saved, "-o", tmp_path / "p", "--model", base], "fused Q/K/V module")
+    assert not (tmp_path / "p").exists()
+    code, _, err = run_cli(["export", saved, "-o", tmp_path / "m", "--model", base, "--format", "merged"], capsys)
+    assert code == 0, err
+    ids = torch.tensor([[5, 6, 7, 8]])
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)

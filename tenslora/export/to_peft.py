@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tenslora.layer import AdaptedLinear
 from tenslora.model import TensLoRAModel
 
 PREFIX = "base_model.model."
@@ -33,6 +34,10 @@ def lora_tensors(adapted: TensLoRAModel) -> tuple[dict[str, torch.Tensor], list[
     paths = {id(m): name for name, m in adapted.base_model.named_modules()}
     tensors, names, ranks = {}, [], set()
     for (layer, proj), linear in sorted(adapted.layers.items()):
+        if not isinstance(linear, AdaptedLinear):
+            raise ValueError(f"{proj!r} of layer {layer} is part of a fused Q/K/V module "
+                             f"({type(linear.base_layer).__name__}); --format peft does not export fused modules "
+                             "yet: use --format merged")
         a, b = linear.adapter.pair(linear.batch_index)  # (d_in, r), (r, d_out_p)
         out_features = linear.base_layer.out_features
         if tuple(b.shape) != (a.shape[1], out_features):
