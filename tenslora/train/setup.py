@@ -1,7 +1,6 @@
 """Everything a run builds before its first step, shared by train, evaluate and predict."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 
