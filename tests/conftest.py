@@ -27,6 +27,18 @@ def tiny_llama_gqa(num_labels: int = 2, seed: int = 0):
         return LlamaForSequenceClassification(config).eval()
 
 
+def assert_projection_matches(adapted, module, dense, x):
+    """``module`` (an adapted projection of ``adapted``) against ``dense (d_in, d_out)``, the update built in
+    the test from a reconstruction: its delta, its forward, and its forward inside an adapter pass."""
+    scaling = adapted.adapter_config.scaling
+    assert dense.shape == (x.shape[-1], module.base_layer.out_features)
+    assert torch.allclose(module.delta_weight(), scaling * dense.T, atol=1e-5)
+    expected = module.base_layer(x) + scaling * x @ dense
+    assert torch.allclose(module(x), expected, atol=1e-5)
+    with adapted.adapter_pass():
+        assert torch.allclose(module(x), expected, atol=1e-5)
+
+
 @pytest.fixture
 def bert():
     return tiny_bert()

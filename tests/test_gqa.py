@@ -4,6 +4,7 @@ save/load and exact parameter counts."""
 import pytest
 import torch
 
+from conftest import assert_projection_matches
 from tenslora import CONSTRUCTIONS, TensLoRAConfig, get_adapted_model, load_adapted_model, predict_adapter_parameters
 from tenslora.constructions import get_construction
 from tenslora.layout import column_index
@@ -57,18 +58,11 @@ def dense_update(adapted, construction, layer, proj):
 @pytest.mark.parametrize("construction,factorization", PAIRS)
 def test_gqa_forward_equals_reconstruction(construction, factorization, head_dim):
     adapted = randomized(construction, factorization, head_dim)
-    scaling = adapted.adapter_config.scaling
     x = torch.randn(2, 3, 32)
     for layer in (0, 1):
         for proj in PROJS:
-            module = adapted.layer(layer, proj)
-            dense = dense_update(adapted, construction, layer, proj)
-            assert dense.shape == (32, module.base_layer.out_features)
-            assert torch.allclose(module.delta_weight(), scaling * dense.T, atol=1e-5)
-            expected = module.base_layer(x) + scaling * x @ dense
-            assert torch.allclose(module(x), expected, atol=1e-5)
-            with adapted.adapter_pass():
-                assert torch.allclose(module(x), expected, atol=1e-5)
+            assert_projection_matches(adapted, adapted.layer(layer, proj),
+                                      dense_update(adapted, construction, layer, proj), x)
     assert predict_adapter_parameters(adapted.adapter_config, adapted.shape) == adapted.adapter_parameters()
 
 

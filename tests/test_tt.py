@@ -10,7 +10,7 @@ import tensorly as tl
 import torch
 from tensorly.tt_tensor import tt_to_tensor
 
-from conftest import tiny_bert, tiny_llama_gqa
+from conftest import assert_projection_matches, tiny_bert, tiny_llama_gqa
 from tenslora import CONSTRUCTIONS, TensLoRAConfig, get_adapted_model, load_adapted_model, predict_adapter_parameters
 from tenslora.constructions import get_construction
 from tenslora.params import count_trainable
@@ -128,14 +128,8 @@ def test_forward_and_delta_equal_reconstruction(kind, construction):
     x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))
     for layer in range(layers):
         for proj in projs:
-            module = adapted.layer(layer, proj)
-            dense = dense_update(adapted, construction, layer, proj, fulls)
-            assert dense.shape == (32, module.base_layer.out_features)
-            assert torch.allclose(module.delta_weight(), scaling * dense.T, atol=1e-5)
-            expected = module.base_layer(x) + scaling * x @ dense
-            assert torch.allclose(module(x), expected, atol=1e-5)
-            with adapted.adapter_pass():
-                assert torch.allclose(module(x), expected, atol=1e-5)
+            assert_projection_matches(adapted, adapted.layer(layer, proj),
+                                      dense_update(adapted, construction, layer, proj, fulls), x)
 
 
 @pytest.mark.parametrize("kind,construction", CASES)
