@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_utils import (QUICK, run_cli, sentences, text_model, vit_model, write_csv,  # noqa: F401
+from test_train_utils import (QUICK, Crash, run_cli, sentences, text_model, vit_model, write_csv,  # noqa: F401
                               write_idx, write_image_folder, write_jsonl)
 from tenslora.train.config import TrainConfig
 from tenslora.train.loop import train
@@ -103,17 +103,6 @@ def test_fashion_mnist(tmp_path, capsys, vit_model, monkeypatch):  # noqa: F811
     assert code == 0, err
     s = _summary(run)
     assert s["task"] == "fashion-mnist" and s["data_sizes"]["train"] == 32 and s["data_sizes"]["test"] == 16
-
-
-class Crash:
-    """Raises in ``after_backward`` of step ``at`` (an interrupted run)."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def after_backward(self, step, adapted):
-        if step == self.at:
-            raise KeyboardInterrupt(f"killed at step {step}")
 
 
 class Record:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train_utils import (fails_cleanly, run_cli, sentences, text_model, write_csv,  # noqa: F401
+from test_train_utils import (Crash, fails_cleanly, run_cli, sentences, text_model, write_csv,  # noqa: F401
                               write_jsonl)
 from tenslora.train.config import TrainConfig
 
@@ -26,15 +26,6 @@ def _train(capsys, data, model, run, *extra):
     code, out, err = run_cli(["train", "--task", data, "--model", model, "--output-dir", run, *STEPS, *extra], capsys)
     assert code == 0, err
     return out
-
-
-class Crash:
-    def __init__(self, at):
-        self.at = at
-
-    def after_backward(self, step, adapted):
-        if step == self.at:
-            raise KeyboardInterrupt(f"killed at step {step}")
 
 
 def interrupted_run(data, model, run: Path, lr: float = 3e-3) -> Path:

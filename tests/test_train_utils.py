@@ -140,3 +140,14 @@ def vit_model(tmp_path_factory) -> Path:
 
 
 QUICK = ["--max-steps", "4", "--batch-size", "8", "--eval-batch-size", "16", "--no-progress", "--log-every", "1"]
+
+
+class Crash:
+    """A ``train`` callback that raises in ``after_backward`` of step ``at`` (an interrupted run)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def after_backward(self, step, adapted):
+        if step == self.at:
+            raise KeyboardInterrupt(f"killed at step {step}")

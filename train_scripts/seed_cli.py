@@ -166,8 +166,15 @@ def precision_options(use_amp: bool) -> list[str]:
     return ["--precision", "fp16"]
 
 
-def launch(argv: list[str], print_command: bool) -> None:
-    """Run ``tenslora ARGV`` in this process (its errors: one line, exit code 2), or only print it."""
+def launch(argv: list[str], extra: list[str], print_command: bool, output_dir: str | None = None,
+           use_wandb: bool = False) -> None:
+    """Run ``tenslora ARGV [--output-dir DIR] EXTRA`` in this process (its errors: one line, exit code 2), or
+    only print it. ``extra``: options passed through to ``tenslora train`` unchanged."""
+    if output_dir:
+        argv = [*argv, "--output-dir", output_dir]
+    if use_wandb:
+        notice("--use-wandb ignored: tenslora logs to TensorBoard (<run>/tb) and metrics.csv")
+    argv = [*argv, *extra]
     line = "tenslora " + subprocess.list2cmdline(argv)
     if print_command:
         print(line)

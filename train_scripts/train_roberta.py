@@ -72,11 +72,7 @@ def main(
         argv += ["--monitor-every", str(seed_cli.MONITOR_EVERY)]
     if run_name:
         argv += ["--run-name", run_name]
-    if output_dir:
-        argv += ["--output-dir", output_dir]
-    if use_wandb:
-        seed_cli.notice("--use-wandb ignored: tenslora logs to TensorBoard (<run>/tb) and metrics.csv")
-    seed_cli.launch(argv + list(ctx.args), print_command)
+    seed_cli.launch(argv, list(ctx.args), print_command, output_dir=output_dir, use_wandb=use_wandb)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,7 @@ def main(
             "--lr", repr(lr), "--max-steps", "0", "--epochs", str(n_epochs), "--batch-size", str(batch_size),
             "--seed", str(0 if seed is None else seed), "--weight-decay", repr(weight_decay),
             "--scheduler", "cosine", "--warmup-ratio", "0.0"]  # the seed: cosine annealing, no warmup
-    if save_directory:
-        argv += ["--output-dir", save_directory]
-    if use_wandb:
-        seed_cli.notice("--use-wandb ignored: tenslora logs to TensorBoard (<run>/tb) and metrics.csv")
-    seed_cli.launch(argv + list(ctx.args), print_command)
+    seed_cli.launch(argv, list(ctx.args), print_command, output_dir=save_directory, use_wandb=use_wandb)
 
 
 if __name__ == "__main__":
