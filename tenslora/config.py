@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from tenslora.constructions import METHODS, get_construction
+from tenslora.constructions import METHODS, TARGETS, get_construction
 from tenslora.tensor.factorized import FACTORIZATIONS, INITS
 
 Ranks = int | Sequence[int] | Mapping[str, int]
@@ -23,7 +23,8 @@ class TensLoRAConfig:
     ranks: an int (all modes/bonds), one int per mode (TT: per bond) in construction order, a
     ``{mode: rank}`` mapping (TT: keyed by the mode on each bond's input side, i.e. every mode but the
     last), or a string like ``"8_8_4_4_2"``. The update is scaled by ``alpha / r`` with ``r`` the
-    input-mode rank (TT: the first bond's, ``r_1``; LoRA's meaning). ``target_modules``: leaf names of
+    input-mode rank (TT: the first bond's, ``r_1``; LoRA's meaning). ``targets``: ``qkv`` (the attention
+    projections Q, K, V), ``qkvo`` (plus the output projection) or ``all-linear`` (plus the MLP). ``target_modules``: leaf names of
     the projections to adapt, in ``qkv`` order (default: found per architecture). ``modules_to_save``:
     trainable task-head modules (default: ``classifier``/``score`` where present).
     """
@@ -35,6 +36,7 @@ class TensLoRAConfig:
     dropout: float = 0.0
     init: str = "orthogonal"
     seed: int = 0
+    targets: str = "qkv"
     target_modules: tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] | None = None
     extra: dict = field(default_factory=dict)
@@ -44,6 +46,8 @@ class TensLoRAConfig:
             raise ValueError(f"unknown construction {self.construction!r}; allowed: {', '.join(METHODS)}")
         if self.factorization not in FACTORIZATIONS:
             raise ValueError(f"unknown factorization {self.factorization!r}; allowed: {', '.join(FACTORIZATIONS)}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"unknown targets {self.targets!r}; allowed: {', '.join(TARGETS)}")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; allowed: {', '.join(INITS)}")
         if not 0.0 <= self.dropout < 1.0:

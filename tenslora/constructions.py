@@ -56,6 +56,7 @@ CONSTRUCTIONS: dict[str, Construction] = {
     )
 }
 METHODS = (*CONSTRUCTIONS, "lora", "none")  # none: linear probe, task head only
+TARGETS = ("qkv", "qkvo", "all-linear")  # which linear layers an adapter covers (docs/constructions.md)
 
 
 def get_construction(name: str) -> Construction:

@@ -43,6 +43,8 @@ class LoraModel(AdaptedModel):
         from peft import LoraConfig, PeftModel, get_peft_model
         if config.method != "lora":
             raise ValueError(f"LoraModel takes construction 'lora', not {config.construction!r}")
+        if config.targets != "qkv":  # placeholder until qkvo / all-linear land (issue 16)
+            raise ValueError(f"targets {config.targets!r} are not available yet; allowed: qkv")
         self.adapter_config = config
         self.targets, peft_names = lora_target_modules(model, config.target_modules)
         try:

@@ -210,6 +210,8 @@ class TensLoRAModel(AdaptedModel):
         super().__init__()
         if config.method != "tenslora":
             raise ValueError(f"TensLoRAModel takes a tensor construction, not {config.construction!r}")
+        if config.targets != "qkv":  # placeholder until qkvo / all-linear land (issue 16)
+            raise ValueError(f"targets {config.targets!r} are not available yet; allowed: qkv")
         self.base_model = model
         self.adapter_config = config
         construction = get_construction(config.construction)

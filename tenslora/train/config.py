@@ -47,6 +47,8 @@ class TrainConfig:
     alpha: float = _opt(8.0, "update scaling numerator (scaling = alpha / input rank)")
     dropout: float = _opt(0.0, "adapter input dropout")
     init: str = _opt("orthogonal", "factor initialisation")
+    targets: str = _opt("qkv", "which linear layers to adapt: qkv (attention Q, K, V), qkvo (plus the attention output "
+                        "projection) or all-linear (plus the MLP)")
     target_modules: str | None = _opt(None, "comma-separated projection names to adapt (default: per architecture)")
     init_from: str | None = _opt(None, "start from this saved tenslora adapter (e.g. tenslora compress's): its ranks, "
                                  "alpha, targets and weights (head included); --construction/--factorization must match")

@@ -130,7 +130,7 @@ def adapter_config(cfg) -> TensLoRAConfig:
     targets = tuple(t.strip() for t in cfg.target_modules.split(",") if t.strip()) if cfg.target_modules else None
     return TensLoRAConfig(construction=cfg.construction, factorization=cfg.factorization,
                           ranks=parse_ranks(str(ranks)), alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
-                          seed=cfg.seed, target_modules=targets)
+                          seed=cfg.seed, targets=cfg.targets, target_modules=targets)
 
 
 def _init_from_config(cfg) -> TensLoRAConfig:
