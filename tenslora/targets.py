@@ -264,6 +264,11 @@ def _sites(model: nn.Module, names: Sequence[Sequence[str]], fused: bool) -> tup
                                    (None,) * len(projections)))
                 break
         else:
+            latent = _latent_sites(path, parent) if fused else None
+            if latent is not None:
+                sites.extend(latent[0])
+                refused.append(latent[1])
+                continue
             attention_like = _ATTENTION_CLASS.search(type(parent).__name__)
             for leaf in FUSED_QKV if fused and attention_like else ():
                 found = _linear_child(parent, leaf)
@@ -275,6 +280,50 @@ def _sites(model: nn.Module, names: Sequence[Sequence[str]], fused: bool) -> tup
                     refused.append(str(err))
                 break
     return sites, refused
+
+
+# latent attention (DeepSeek-V2/V3 MLA and its copies): the query from ``q_b_proj`` (or ``q_proj`` without a
+# query latent); key and value both from ``kv_b_proj``, read per head as ``view(..., heads, nope + v_head_dim)``
+# then ``split([nope, v_head_dim])``: head h's non-rotary key columns, then its value columns
+LATENT_QUERY = ("q_b_proj", "q_proj")
+LATENT_KV = "kv_b_proj"
+LATENT_COMPRESSION = "kv_a_proj_with_mqa"
+
+
+def _latent_kv(heads: int, nope: int, v_dim: int) -> list[list[int]]:
+    """Per head ``[k_nope_h | v_h]``: the key (non-rotary part) and value columns of ``kv_b_proj``."""
+    width = nope + v_dim
+    return [[h * width + d for h in range(heads) for d in range(nope)],
+            [h * width + nope + d for h in range(heads) for d in range(v_dim)]]
+
+
+def _latent_sites(path: str, parent: nn.Module) -> tuple[list[_Site], str] | None:
+    """``(sites, note)`` of a latent-attention module (children ``kv_a_proj_with_mqa`` and ``kv_b_proj``),
+    else None: a ``("query",)`` site on the query's up-projection and a ``("key", "value")`` site on
+    ``kv_b_proj``'s columns (their own stacks: the two read different latents); the note says what is
+    not adapted (the down-projections to the latents, and the rotary key part shared by all heads)."""
+    kv = _linear_child(parent, LATENT_KV)
+    nope, v_dim = (_attr([parent], (k,)) for k in ("qk_nope_head_dim", "v_head_dim"))
+    if kv is None or _linear_child(parent, LATENT_COMPRESSION) is None or not nope or not v_dim:
+        return None
+    rel, module = kv
+    d_in, d_out = _widths(module)
+    if d_out % (nope + v_dim):
+        return None
+    columns = _latent_kv(d_out // (nope + v_dim), nope, v_dim)
+    name = f"{path}.{rel}" if path else rel
+    sites = [_Site(path, ("key", "value"), (name, name), tuple((d_in, len(c)) for c in columns),
+                   tuple(tuple(c) for c in columns))]
+    query = next((found for leaf in LATENT_QUERY if (found := _linear_child(parent, leaf))), None)
+    if query is not None:
+        q_name = f"{path}.{query[0]}" if path else query[0]
+        sites.insert(0, _Site(path, ("query",), (q_name,), (_widths(query[1]),), (None,)))
+    adapted = (f"query = {query[0]}, " if query else "") + f"key, value = {LATENT_KV}'s per-head columns"
+    missing = "" if query else f"the query ({type(parent).__name__} has no {' or '.join(LATENT_QUERY)}), "
+    note = (f"latent attention ({type(parent).__name__}): adapted {adapted} (query and key/value are separate "
+            f"stacks: they read different latents); not adapted: {missing}the down-projections to the latents "
+            f"(q_a_proj, {LATENT_COMPRESSION}) and the rotary key part that {LATENT_COMPRESSION} shares across heads")
+    return sites, note
 
 
 def _uncovered_attention(model: nn.Module, site_paths: list[str]) -> list[str]:
