@@ -69,6 +69,15 @@ def _grouped(heads: int, kv_heads: int, head_dim: int) -> list[list[int]]:
     return [q, k, v]
 
 
+def _codegen(heads: int, kv_heads: int, head_dim: int, shards: int = 4) -> list[list[int]]:
+    """CodeGen: 4 model-parallel shards ``[q_m | v_m | k_m]`` (note V before K), each ``d / 4`` wide;
+    the query's flat column ``i`` (head-major) is in shard ``i // (d / 4)``."""
+    d = heads * head_dim
+    local = d // shards
+    q = [m * 3 * local + r for m in range(shards) for r in range(local)]
+    return [q, [c + 2 * local for c in q], [c + local for c in q]]
+
+
 # model_type -> (fused leaf names it uses, layout chosen from the model config); each checked in
 # transformers' split code: gpt2 `c_attn(..).split(split_size)`; gpt_bigcode multi_query `split((embed,
 # kv, kv))` else `view(heads, 3 * head_dim).split`; gpt_neox `view(-1, 3 * head_dim).chunk(3)`;
@@ -76,7 +85,10 @@ def _grouped(heads: int, kv_heads: int, head_dim: int) -> list[list[int]]:
 # phi3, phi4_multimodal `qkv[..., :query_pos]`, then key/value blocks; gpt_neox_japanese
 # `view(heads, 3 * head_size)`; openai-gpt `split(split_size)`; hiera
 # `reshape(..., 3, heads, head_dim)`; falcon `view(-1, heads // kv + 2, head_dim)` (new decoder
-# architecture), `view(heads + 2, head_dim)` (multi-query), else `view(heads, 3, head_dim)`.
+# architecture), `view(heads + 2, head_dim)` (multi-query), else `view(heads, 3, head_dim)`; deberta (v1)
+# `view(heads, -1).chunk(3, dim=-1)` (its other branch reads `in_proj.weight` directly, only when
+# `DebertaModel.z_steps > 1`, which transformers fixes at 0); codegen `view(..., -1, 3 * (d // 4))` then
+# `split(d // 4)` into (query, value, key).
 LayoutFn = Callable[[int, int, int], list[list[int]]]
 FUSED_LAYOUTS: dict[str, Callable[[object], LayoutFn]] = {
     "gpt2": lambda c: _blocks,
@@ -94,6 +106,8 @@ FUSED_LAYOUTS: dict[str, Callable[[object], LayoutFn]] = {
     "openai-gpt": lambda c: _blocks,
     "hiera": lambda c: _blocks,
     "falcon": lambda c: _grouped if c.new_decoder_architecture else _blocks if c.multi_query else _per_head,
+    "deberta": lambda c: _per_head,
+    "codegen": lambda c: _codegen,
 }
 
 # a fused candidate's parent must say attention (Mamba's ``in_proj`` is no Q/K/V)

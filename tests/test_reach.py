@@ -192,17 +192,30 @@ def test_albert_shared_layer_is_one_layer():
     assert "1 layers" in adapted.report
 
 
-def test_unverified_fused_layout_is_refused_and_lora_uses_peft_defaults():
-    """DeBERTa v1's ``in_proj`` layout is not verified: TensLoRA refuses it by name; the LoRA baseline
-    falls back to PEFT's own default targets for the model type and says so."""
-    model = build("DebertaForSequenceClassification", "DebertaConfig", hidden_size=32, num_hidden_layers=2,
-                  num_attention_heads=4, intermediate_size=64, vocab_size=101, num_labels=3)
-    with pytest.raises(ValueError, match="in_proj.*no verified column layout"):
+def test_unverified_fused_layout_is_refused():
+    """A fused Q/K/V module of a model type whose column layout is not verified is refused by name."""
+    model = build("GPT2ForSequenceClassification", "GPT2Config", n_embd=32, n_layer=2, n_head=4, vocab_size=101,
+                  n_positions=64, num_labels=3, pad_token_id=0)
+    model.config.model_type = "unverified_gpt"
+    for block in model.transformer.h:
+        block.attn.config = model.config
+    with pytest.raises(ValueError, match="c_attn.*'unverified_gpt' has no verified column layout"):
+        get_adapted_model(copy.deepcopy(model), TensLoRAConfig("att", ranks=2))
+
+
+def test_lora_uses_peft_defaults_where_tenslora_finds_nothing():
+    """RWKV has no Q/K/V projections TensLoRA recognises: the LoRA baseline falls back to PEFT's own
+    default targets for the model type and says so."""
+    model = build("RwkvForCausalLM", "RwkvConfig", hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                  intermediate_size=64, vocab_size=101, context_length=64)
+    with pytest.raises(ValueError, match="RwkvSelfAttention"):
         get_adapted_model(copy.deepcopy(model), TensLoRAConfig("att", ranks=2))
     with pytest.warns(UserWarning, match="PEFT's default targets"):
         lora = get_adapted_model(model, TensLoRAConfig("lora", ranks=2))
-    assert lora.adapted_modules == ["deberta.encoder.layer.0.attention.self.in_proj",
-                                    "deberta.encoder.layer.1.attention.self.in_proj"]
+    assert sorted(lora.adapted_modules) == sorted(f"rwkv.blocks.{i}.{part}.{leaf}" for i in range(2)
+                                    for part, leaves in (("attention", ("key", "value", "receptance", "output")),
+                                                         ("feed_forward", ("key", "value", "receptance")))
+                                    for leaf in leaves)
 
 
 def test_lora_adapts_fused_module_whole():

@@ -1,0 +1,138 @@
+"""More structures: latent attention (DeepSeek MLA and its copies), DeBERTa v1's and CodeGen's fused
+``in_proj``/``qkv_proj``. Exactness against a reference built here (test_reach's helpers: the update sliced by
+hand from the full reconstructed tensor, added at the columns that transformers' own split code reads),
+and each layout checked against the model itself (one token: query and key columns change nothing,
+value columns change the output)."""
+import copy
+import warnings
+
+import pytest
+import torch
+from test_reach import build, check_exact, text_inputs
+
+from tenslora import TensLoRAConfig, get_adapted_model
+from tenslora.targets import find_targets
+
+torch.set_num_threads(1)
+
+DEEPSEEK = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
+                kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=64,
+                moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                first_k_dense_replace=2, vocab_size=101, pad_token_id=0, num_labels=3)
+
+
+def kv_b_columns(t, heads=4, nope=8, v_dim=8):
+    """``kv_b_proj`` viewed as (heads, nope + v_head_dim), split [nope, v_head_dim]: key then value per head."""
+    offset = 0 if t.proj == "key" else nope
+    width = nope if t.proj == "key" else v_dim
+    return [h * (nope + v_dim) + offset + d for h in range(heads) for d in range(width)]
+
+
+@pytest.mark.parametrize("construction", ["att", "qkv_depth", "att_qkv_depth"])
+def test_deepseek_latent_attention_exact(construction):
+    """DeepSeek-V3 MLA: the query from ``q_b_proj`` (16 -> 4 x 12) is one stack, key and value from
+    ``kv_b_proj``'s columns (12 -> 4 x (8 + 8)) another; the warning says what is not adapted."""
+    model = build("DeepseekV3ForSequenceClassification", "DeepseekV3Config", **DEEPSEEK)
+    with pytest.warns(UserWarning, match=r"latent attention \(DeepseekV3Attention\).*not adapted.*kv_a_proj_with_mqa"):
+        targets = find_targets(model)
+    assert {(t.name.rsplit(".", 1)[-1], t.proj) for t in targets} == {
+        ("q_b_proj", "query"), ("kv_b_proj", "key"), ("kv_b_proj", "value")}
+    adapted, _ = check_exact(model, construction, text_inputs(), kv_b_columns, expect_stacks=2)
+    shapes = adapted.shape.by_stack()
+    assert sorted((s.projections, s.d_in, s.d_out, s.head_dim) for s in shapes.values()) == [
+        (("key", "value"), 12, (32, 32), 8), (("query",), 16, (48,), 12)]
+
+
+def test_latent_attention_without_query_latent_uses_q_proj():
+    """Without ``q_lora_rank`` the query is ``q_proj`` (hidden -> heads x qk_head_dim): adapted the same way."""
+    model = build("DeepseekV3ForSequenceClassification", "DeepseekV3Config", **{**DEEPSEEK, "q_lora_rank": None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        targets = find_targets(model)
+    assert {t.name.rsplit(".", 1)[-1] for t in targets if t.proj == "query"} == {"q_proj"}
+    check_exact(model, "att", text_inputs(), kv_b_columns, expect_stacks=2)
+
+
+def one_token_moves(model, targets, proj, module_leaf=None):
+    """Whether adding noise to the columns of ``proj`` (in ``targets``) moves a one-token output."""
+    inputs = {"input_ids": torch.tensor([[7]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    g = torch.Generator().manual_seed(3)
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        base = model(**inputs).logits
+        for t in targets:
+            if t.proj != proj or (module_leaf and not t.name.endswith(module_leaf)):
+                continue
+            module = edited.get_submodule(t.name)
+            cols = torch.tensor(t.columns) if t.columns is not None else torch.arange(module.weight.shape[0])
+            module.weight[cols] += torch.randn(len(cols), module.weight.shape[1], generator=g)
+        return not torch.allclose(edited(**inputs).logits, base, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3", "minicpm3", "mistral4", "kimi_linear",
+                                        "longcat_flash", "glm4_moe_lite", "youtu", "sarvam_mla"])
+def test_latent_kv_columns_are_what_the_model_reads(model_type):
+    """Each latent-attention type of transformers, built tiny: with one token, the columns taken as key
+    change nothing and those taken as value change the output (so key/value are not swapped or shifted)."""
+    from tenslora.coverage import model_types
+    from tenslora.tiny_models import build as build_tiny
+    (_, _, class_name), = model_types([model_type])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _, _ = build_tiny(model_type, class_name)
+        targets = [t for t in find_targets(model) if t.name.endswith("kv_b_proj")]
+    assert {t.proj for t in targets} == {"key", "value"}
+    assert not one_token_moves(model, targets, "key")
+    assert one_token_moves(model, targets, "value")
+
+
+def per_head(t, heads=4, head_dim=8):
+    return [h * 3 * head_dim + t.proj_index * head_dim + d for h in range(heads) for d in range(head_dim)]
+
+
+DEBERTA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=101,
+               num_labels=3)
+
+
+@pytest.mark.parametrize("construction", ["att", "qkv"])
+def test_deberta_in_proj_per_head(construction):
+    """DeBERTa v1: ``in_proj`` d -> 3d viewed as (heads, 3 head_dim) and chunked in 3: head h's q, k, v adjacent."""
+    model = build("DebertaForSequenceClassification", "DebertaConfig", **DEBERTA)
+    check_exact(model, construction, text_inputs(), per_head, expect_stacks=1)
+
+
+def codegen_columns(t, d=32, shards=4):
+    """CodeGen: ``view(..., 4, 3 * d/4).split(d/4)`` into (query, value, key) per shard."""
+    local = d // shards
+    offset = {"query": 0, "value": local, "key": 2 * local}[t.proj]
+    return [m * 3 * local + offset + r for m in range(shards) for r in range(local)]
+
+
+CODEGEN = dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=101, n_positions=64)
+
+
+def test_codegen_qkv_proj_shards():
+    model = build("CodeGenForCausalLM", "CodeGenConfig", **CODEGEN)
+    check_exact(model, "att", text_inputs(), codegen_columns, expect_stacks=1)
+
+
+@pytest.mark.parametrize("cls_name,config_name,kw", [
+    ("DebertaForSequenceClassification", "DebertaConfig", DEBERTA),
+    ("CodeGenForCausalLM", "CodeGenConfig", CODEGEN),
+])
+def test_fused_layouts_are_what_the_model_reads(cls_name, config_name, kw):
+    model = build(cls_name, config_name, **kw)
+    targets = find_targets(model)
+    assert not one_token_moves(model, targets, "query")
+    assert not one_token_moves(model, targets, "key")
+    assert one_token_moves(model, targets, "value")
+
+
+def test_lora_adapts_latent_attention_modules():
+    """The LoRA baseline adapts the same modules (``q_b_proj`` and ``kv_b_proj`` whole)."""
+    model = build("DeepseekV3ForSequenceClassification", "DeepseekV3Config", **DEEPSEEK)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = get_adapted_model(model, TensLoRAConfig("lora", ranks=2))
+    assert lora.adapted_modules == [f"model.layers.{i}.self_attn.{leaf}" for i in range(2)
+                                    for leaf in ("q_b_proj", "kv_b_proj")]
