@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import typer
 
@@ -49,3 +50,30 @@ def step_time(
         table.add_row(r["method"], f"{r['median_s']:.3f}", f"{r['time_ratio']:.3f}", f"{r['peak_mb']:.0f}",
                       f"{r['memory_ratio']:.3f}", f"{r['adapter_parameters']:,}")
     Console(width=140).print(table)
+
+
+@app.command("coverage")
+def coverage(
+    methods: str = typer.Option("att,qkv_depth,lora", help="Comma-separated constructions and 'lora', or 'all'."),
+    types: str = typer.Option("", help="Comma-separated model types (default: every type of transformers' "
+                                       "sequence-classification, image-classification and causal-LM mappings)."),
+    out: str = typer.Option("benchmarks/results/coverage/coverage", help="Output stem: writes OUT-LABEL.json/.md."),
+    label: str = typer.Option("run", help="Name of this run (e.g. before, after)."),
+    timeout: int = typer.Option(90, help="Seconds per model type (its build and every method)."),
+) -> None:
+    """Architecture coverage: build each model type tiny, adapt it with each method, check the output changes."""
+    from rich.console import Console
+
+    from tenslora.coverage import run_coverage
+    console = Console(stderr=True)
+
+    def progress(model_type: str, entry: dict) -> None:
+        status = entry.get("reason", "")[:80] if entry["built"] is None else \
+            " ".join(f"{m}={r['status']}" for m, r in entry["methods"].items())
+        console.print(f"  {model_type:28s} {entry['seconds']:6.1f}s {status}", markup=False, highlight=False)
+
+    command = "tenslora bench coverage " + " ".join(sys.argv[3:])
+    result = run_coverage(out, label, methods.split(","), [t for t in types.split(",") if t.strip()] or None,
+                          timeout, command, progress)
+    print(result["markdown"])
+    console.print(f"wrote {', '.join(result['files'])}", markup=False, highlight=False)
