@@ -36,8 +36,13 @@ PARAMETER_COUNTS = {
 
 
 def lora_parameters(shape: ModelShape, rank: int) -> int:
-    """``r (d_in + d_out)`` for every adapted projection."""
-    return sum(rank * (shape.d_in + d_out) for d_out in shape.d_out) * len(shape.layers)
+    """``r (d_in + d_out)`` for every adapted module: a separate projection, or a fused module (its
+    projections' widths summed, e.g. GPT-2's ``c_attn``: ``r (d + 3 d)``), per layer and per stack."""
+    if shape.stacks:
+        return sum(lora_parameters(s, rank) for _, s in shape.stacks)
+    grouped = {p for group in shape.fused for p in group}
+    modules = [*shape.fused, *[(p,) for p in range(len(shape.d_out)) if p not in grouped]]
+    return sum(rank * (shape.d_in + sum(shape.d_out[p] for p in group)) for group in modules) * len(shape.layers)
 
 
 def predict_adapter_parameters(config: TensLoRAConfig, shape: ModelShape) -> int:

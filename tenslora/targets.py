@@ -138,7 +138,9 @@ class Target:
 class ModelShape:
     """The shapes that fix every adapter's tensor: ``d_in``, per-projection ``d_out``, ``head_dim``
     (shared by all projections; grouped-query attention gives key/value fewer heads than query).
-    ``stacks``: with several stacks, each stack's shape by name (the fields above are the first's)."""
+    ``stacks``: with several stacks, each stack's shape by name (the fields above are the first's).
+    ``fused``: groups of projection indices held by one fused module (``((0, 1, 2),)`` for GPT-2's
+    ``c_attn``), which whole-module methods (PEFT LoRA) adapt as one."""
 
     projections: tuple[str, ...]
     layers: tuple[int, ...]
@@ -146,6 +148,7 @@ class ModelShape:
     d_out: tuple[int, ...]
     head_dim: int
     stacks: tuple[tuple[str, "ModelShape"], ...] = field(default=())
+    fused: tuple[tuple[int, ...], ...] = field(default=())
 
     def heads(self, proj_index: int) -> int:
         """Heads of projection ``proj_index`` (query heads, or key/value heads under GQA)."""
@@ -446,7 +449,15 @@ def _stack_shape(model: nn.Module, targets: Sequence[Target]) -> ModelShape:
             raise ValueError(f"projection {p!r} has different widths across layers: {sorted(widths)}")
         d_out.append(widths.pop())
     site = model.get_submodule(targets[0].site)
-    return ModelShape(projections, layers, d_in.pop(), tuple(d_out), _head_dim(model, site, d_out[0]))
+    return ModelShape(projections, layers, d_in.pop(), tuple(d_out), _head_dim(model, site, d_out[0]),
+                      fused=_fused_groups(targets))
+
+
+def _fused_groups(targets: Sequence[Target]) -> tuple[tuple[int, ...], ...]:
+    """Projection indices sharing one fused module, from the first layer's targets."""
+    first = [t for t in targets if t.layer_index == 0 and t.columns is not None]
+    modules = dict.fromkeys(t.name for t in first)
+    return tuple(tuple(sorted(t.proj_index for t in first if t.name == m)) for m in modules)
 
 
 def model_shape(model: nn.Module, targets: Sequence[Target]) -> ModelShape:

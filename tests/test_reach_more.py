@@ -136,3 +136,40 @@ def test_lora_adapts_latent_attention_modules():
         lora = get_adapted_model(model, TensLoRAConfig("lora", ranks=2))
     assert lora.adapted_modules == [f"model.layers.{i}.self_attn.{leaf}" for i in range(2)
                                     for leaf in ("q_b_proj", "kv_b_proj")]
+
+
+PREDICTED_MODELS = {
+    "gpt2 (fused Conv1D)": ("GPT2ForSequenceClassification", "GPT2Config",
+                            dict(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, pad_token_id=0,
+                                 num_labels=3)),
+    "gpt_bigcode (multi-query)": ("GPTBigCodeForSequenceClassification", "GPTBigCodeConfig",
+                                  dict(n_embd=32, n_layer=2, n_head=4, multi_query=True, vocab_size=101,
+                                       n_positions=64, pad_token_id=0, num_labels=3)),
+    "deepseek_v3 (latent, 2 stacks)": ("DeepseekV3ForSequenceClassification", "DeepseekV3Config", DEEPSEEK),
+    "t5 (3 stacks)": ("T5ForSequenceClassification", "T5Config",
+                      dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=101, num_labels=3)),
+}
+
+
+@pytest.mark.parametrize("construction", ["lora", "att", "qkv_depth"])
+@pytest.mark.parametrize("name", list(PREDICTED_MODELS))
+def test_predicted_parameters_equal_real_on_fused_and_stacked(name, construction):
+    """PEFT LoRA adapts a fused module whole (``r (d_in + d_out_fused)``, not one ``r d_in`` per projection):
+    the prediction from the shape equals the real count; so does every TensLoRA construction's."""
+    from tenslora import predict_adapter_parameters
+    cls_name, config_name, kw = PREDICTED_MODELS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = get_adapted_model(build(cls_name, config_name, **kw), TensLoRAConfig(construction, ranks=3))
+    assert predict_adapter_parameters(adapted.adapter_config, adapted.shape) == adapted.adapter_parameters()
+
+
+def test_lora_prediction_on_gpt2_c_attn_by_hand():
+    """GPT-2, 2 layers, d = 32, r = 3: c_attn 32 -> 96 whole: 2 x 3 x (32 + 96) = 768 (not 2 x 3 x 3 x (32 + 32))."""
+    from tenslora import predict_adapter_parameters
+    cls_name, config_name, kw = PREDICTED_MODELS["gpt2 (fused Conv1D)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = get_adapted_model(build(cls_name, config_name, **kw), TensLoRAConfig("lora", ranks=3))
+    assert adapted.shape.fused == ((0, 1, 2),)
+    assert predict_adapter_parameters(adapted.adapter_config, adapted.shape) == 768 == adapted.adapter_parameters()
