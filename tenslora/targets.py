@@ -88,7 +88,7 @@ def _codegen(heads: int, kv_heads: int, head_dim: int, shards: int = 4) -> list[
 # architecture), `view(heads + 2, head_dim)` (multi-query), else `view(heads, 3, head_dim)`; deberta (v1)
 # `view(heads, -1).chunk(3, dim=-1)` (its other branch reads `in_proj.weight` directly, only when
 # `DebertaModel.z_steps > 1`, which transformers fixes at 0); codegen `view(..., -1, 3 * (d // 4))` then
-# `split(d // 4)` into (query, value, key).
+# `split(d // 4)` into (query, value, key); dbrx `split([d, kv * head_dim, kv * head_dim])` (before its clamp).
 LayoutFn = Callable[[int, int, int], list[list[int]]]
 FUSED_LAYOUTS: dict[str, Callable[[object], LayoutFn]] = {
     "gpt2": lambda c: _blocks,
@@ -108,6 +108,7 @@ FUSED_LAYOUTS: dict[str, Callable[[object], LayoutFn]] = {
     "falcon": lambda c: _grouped if c.new_decoder_architecture else _blocks if c.multi_query else _per_head,
     "deberta": lambda c: _per_head,
     "codegen": lambda c: _codegen,
+    "dbrx": lambda c: _blocks,
 }
 
 # a fused candidate's parent must say attention (Mamba's ``in_proj`` is no Q/K/V)

@@ -37,7 +37,7 @@ SHRINK_INT = {
                      "expert_ffn_hidden_size"), 64),
     "head_dim": 8, "d_kv": 8, "attention_head_size": 8, "v_head_dim": 8, "qk_nope_head_dim": 8,
     "qk_rope_head_dim": 8, "qk_head_dim": 16, "q_lora_rank": 16, "kv_lora_rank": 16, "rotary_dim": 8,
-    "linear_head_dim": 8, "num_latents": 8, "mamba_dt_rank": 8, "num_kv_shared_layers": 0,
+    "linear_head_dim": 8, "num_latents": 8, "mm_tokens_per_image": 4, "pixel_shuffle_factor": 2, "mamba_dt_rank": 8, "num_kv_shared_layers": 0,
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "num_experts_per_token"), 2),
     **dict.fromkeys(("n_group", "topk_group", "n_groups", "mamba_n_groups", "mamba_ngroups", "zero_expert_num"), 1),
@@ -195,7 +195,8 @@ def shrink(config, table: dict[str, int], model_type: str = "") -> object:
             repair(c, dict(vars(c)), table)
         attrs = dict(vars(c))
         if _int(attrs, "vocab_size") and WIDTH in table.values():  # width-shrinking tables
-            c.vocab_size = min(attrs["vocab_size"], max([512, *[i + 1 for i in _special_ids(config)]]))
+            # at most 512, but past every special token (a default config may name one past its vocabulary)
+            c.vocab_size = max([min(attrs["vocab_size"], 512), *[i + 1 for i in _special_ids(config)]])
         if isinstance(attrs.get("depths"), (list, tuple)):
             c.depths = [1] * len(attrs["depths"])
     if model_type in TYPE_REPAIRS:
@@ -286,7 +287,47 @@ def make_inputs(model) -> dict:
     inputs = {name: ids}
     if name == "input_ids":
         inputs["attention_mask"] = torch.ones_like(ids)
+        return _with_image(model, inputs, g) or inputs
     return inputs
+
+
+_FEATURES = re.compile(r"features:? (\d+)")
+
+
+def _with_image(model, inputs: dict, g: torch.Generator) -> dict | None:
+    """Text inputs plus one image for a model that takes both (so its vision tower runs too): the
+    image's placeholder tokens inserted in the ids, as many as the model's error message says it
+    has features (and the image given as ``(batch, images, C, H, W)`` where the model says so); None
+    where that does not give a forward that runs."""
+    holder = next((c for c in configs(model.config) if getattr(c, "vision_config", None) is not None), None)
+    if holder is None or "pixel_values" not in inspect.signature(model.forward).parameters:
+        return None
+    vision = holder.vision_config
+    size = getattr(vision, "image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    pixels = torch.randn(1, getattr(vision, "num_channels", 3), size, size, generator=g)
+    token = next((v for c in configs(model.config) for k in ("image_token_id", "image_token_index")
+                  if isinstance(v := getattr(c, k, None), int)), None)
+    ids, count = inputs["input_ids"], 1
+    for _ in range(3):
+        if token is None:  # the model places the image itself (GIT)
+            trial = {**inputs, "pixel_values": pixels}
+        else:
+            with_image = torch.cat([ids[:, :1], torch.full((1, count), token), ids[:, 1:]], 1)
+            trial = {"input_ids": with_image, "attention_mask": torch.ones_like(with_image), "pixel_values": pixels}
+        try:
+            with torch.no_grad():
+                output(model, trial)
+            return trial
+        except Exception as err:  # noqa: BLE001 - a model that cannot take this image keeps text only
+            found = _FEATURES.search(str(err))
+            if "expected 5, got 4" in str(err) and pixels.dim() == 4:  # (batch, images, C, H, W): Idefics3-style
+                pixels = pixels.unsqueeze(1)
+            elif token is None or found is None:
+                return None
+            else:
+                count = int(found.group(1))
+    return None
 
 
 def _patch_inputs(model, g: torch.Generator) -> dict:
