@@ -116,12 +116,34 @@ def test_codegen_qkv_proj_shards():
     check_exact(model, "att", text_inputs(), codegen_columns, expect_stacks=1)
 
 
+DBRX = dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=101,
+            attn_config=dict(kv_n_heads=2, clip_qkv=8.0), ffn_config=dict(ffn_hidden_size=64, moe_num_experts=2,
+                                                                          moe_top_k=1))
+
+
+def dbrx_model():
+    """DBRX: ``Wqkv`` d -> d + 2 kv_heads head_dim, split [d, kv, kv] (grouped-query: 4 query, 2 key/value heads)."""
+    from transformers import DbrxConfig, DbrxForCausalLM
+    config = DbrxConfig(**DBRX)
+    config.attn_config.rope_theta = 10000.0  # transformers' default DbrxAttentionConfig lacks it
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return DbrxForCausalLM(config).eval()
+
+
+def test_dbrx_wqkv_blocks():
+    adapted, _ = check_exact(dbrx_model(), "att", text_inputs(), lambda t: list(
+        range(*{"query": (0, 32), "key": (32, 48), "value": (48, 64)}[t.proj])), expect_stacks=1)
+    assert adapted.shape.d_out == (32, 16, 16)
+
+
 @pytest.mark.parametrize("cls_name,config_name,kw", [
     ("DebertaForSequenceClassification", "DebertaConfig", DEBERTA),
     ("CodeGenForCausalLM", "CodeGenConfig", CODEGEN),
+    ("dbrx", None, None),
 ])
 def test_fused_layouts_are_what_the_model_reads(cls_name, config_name, kw):
-    model = build(cls_name, config_name, **kw)
+    model = dbrx_model() if cls_name == "dbrx" else build(cls_name, config_name, **kw)
     targets = find_targets(model)
     assert not one_token_moves(model, targets, "query")
     assert not one_token_moves(model, targets, "key")
