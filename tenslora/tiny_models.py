@@ -182,9 +182,19 @@ TYPE_REPAIRS: dict[str, Callable] = {
 }
 
 
+def _drop_unused_layer_overrides(c, depth: int | None) -> None:
+    """A heterogeneous config (per-layer overrides, Dots3) whose overrides all fall on layers the tiny
+    model drops becomes homogeneous (its global attributes readable again)."""
+    spec = vars(c).get("_heterogeneity_spec")
+    overrides = getattr(spec, "per_layer_overrides", None)
+    if depth is not None and isinstance(overrides, dict) and all(i >= depth for i in overrides):
+        del c._heterogeneity_spec
+
+
 def shrink(config, table: dict[str, int], model_type: str = "") -> object:
     """Lower every int attribute named in ``table`` (in every sub-config), then the repairs."""
     for c in configs(config):
+        _drop_unused_layer_overrides(c, table.get("num_hidden_layers"))
         original = dict(vars(c))
         for k, v in table.items():
             if _int(original, k) is not None and original[k] > v:
