@@ -168,9 +168,19 @@ def _zamba2(config) -> None:
     config.hybrid_layer_ids = [i for i, k in enumerate(kinds) if k == "hybrid"]
 
 
+def _blt(config) -> None:
+    """BLT: the global transformer reads ``cross_attn_k`` local (encoder) states per patch, concatenated."""
+    width = config.encoder_config.hidden_size * config.cross_attn_k
+    config.global_config.hidden_size = width
+    config.global_config.head_dim = width // config.global_config.num_attention_heads
+    for c in (config.encoder_config, config.decoder_config):
+        c.hidden_size_global = width
+
+
 # model type -> its own constraints, applied after SHRINK_INT and REPAIRS
 TYPE_REPAIRS: dict[str, Callable] = {
     "dbrx": _dbrx,
+    "blt": _blt,
     "lfm2_moe": _lfm2_moe,
     "zamba2": _zamba2,
     "mistral4": _set(head_dim=16),  # rotary part of head_dim * partial_rotary_factor = qk_rope_head_dim
