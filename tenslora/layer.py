@@ -34,18 +34,20 @@ class AdaptedLinear(nn.Module):
         a, b = self.adapter.pair(self.batch_index)
         return self.scaling * (a @ b).T
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
         if self.merged or self.disabled:
             return out
         a, b = self.adapter.pair(self.batch_index)
         update = (self.dropout(x).to(a.dtype) @ a) @ b
+        if isinstance(out, tuple):  # I-BERT's QuantLinear: (y, scaling factor)
+            return (out[0] + (self.scaling * update).to(out[0].dtype), *out[1:])
         return out + (self.scaling * update).to(out.dtype)
 
     def _weight_delta(self) -> torch.Tensor:
         """``delta_weight()`` in the base weight's layout (transformers' ``Conv1D`` stores ``(in, out)``)."""
         delta = self.delta_weight()
-        return delta if isinstance(self.base_layer, nn.Linear) else delta.T
+        return delta.T if type(self.base_layer).__name__ == "Conv1D" else delta
 
     @torch.no_grad()
     def merge(self) -> None:

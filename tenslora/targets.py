@@ -161,11 +161,14 @@ class ModelShape:
 
 
 def _widths(module: nn.Module) -> tuple[int, int] | None:
-    """``(in, out)`` of a linear module (``nn.Linear`` or transformers' ``Conv1D``), else None."""
+    """``(in, out)`` of a linear module (``nn.Linear``, transformers' ``Conv1D``, or I-BERT's ``QuantLinear``
+    outside quantization mode, where quantized integer weights would not take a float update), else None."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return module.weight.shape[0], module.nf
+    if type(module).__name__ == "QuantLinear" and getattr(module, "quant_mode", True) is False:
+        return module.in_features, module.out_features  # I-BERT unquantized: a linear returning (y, None)
     return None
 
 

@@ -195,3 +195,22 @@ def test_lora_prediction_on_gpt2_c_attn_by_hand():
         adapted = get_adapted_model(build(cls_name, config_name, **kw), TensLoRAConfig("lora", ranks=3))
     assert adapted.shape.fused == ((0, 1, 2),)
     assert predict_adapter_parameters(adapted.adapter_config, adapted.shape) == 768 == adapted.adapter_parameters()
+
+
+IBERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=101,
+             num_labels=3)
+
+
+@pytest.mark.parametrize("construction", ["att", "qkv_depth"])
+def test_ibert_quant_linear_outside_quant_mode(construction):
+    """I-BERT's ``QuantLinear`` returns ``(y, scaling factor)``; outside quantization mode ``y`` is a plain
+    linear map: adapted exactly (the tuple kept), merged into the same ``(out, in)`` weight."""
+    model = build("IBertForSequenceClassification", "IBertConfig", quant_mode=False, **IBERT)
+    check_exact(model, construction, text_inputs(), expect_stacks=1)
+
+
+def test_ibert_quant_mode_is_not_adapted():
+    """In quantization mode the weights are re-quantized integers: no float update fits; refused, named."""
+    model = build("IBertForSequenceClassification", "IBertConfig", quant_mode=True, **IBERT)
+    with pytest.raises(ValueError, match="IBertAttention.*hold no recognised Q/K/V"):
+        find_targets(model)
