@@ -40,7 +40,7 @@ SHRINK_INT = {
     "linear_head_dim": 8, "num_latents": 8, "mm_tokens_per_image": 4, "pixel_shuffle_factor": 2, "mamba_dt_rank": 8, "num_kv_shared_layers": 0,
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "num_experts_per_token"), 2),
-    **dict.fromkeys(("n_group", "topk_group", "n_groups", "mamba_n_groups", "mamba_ngroups", "zero_expert_num"), 1),
+    **dict.fromkeys(("n_group", "topk_group", "num_expert_group", "n_groups", "mamba_n_groups", "mamba_ngroups", "zero_expert_num"), 1),
 }
 DEPTH_KEYS = {k for k, v in SHRINK_INT.items() if v == 2 and "layers" in k or k in ("n_layer", "num_self_attends_per_block")}
 SHRINK_DEPTH = {k: SHRINK_INT[k] for k in DEPTH_KEYS}
@@ -94,8 +94,10 @@ def _fill_none(c, attrs: dict, table: dict) -> None:
 
 
 def _key_value_heads(c, attrs: dict, table: dict) -> None:
-    """Grouped-query attention kept grouped: 1 key/value head stays 1, fewer than the queries become 2."""
-    heads, kv = _int(attrs, "num_attention_heads"), _int(attrs, "num_key_value_heads")
+    """Grouped-query attention kept grouped (judged on the config before shrinking, ``attrs['_original']``):
+    1 key/value head stays 1, fewer than the queries become 2."""
+    original = attrs["_original"]
+    heads, kv = _int(original, "num_attention_heads"), _int(original, "num_key_value_heads")
     if heads and kv and "num_attention_heads" in table:
         c.num_key_value_heads = 1 if kv == 1 else (2 if kv < heads else c.num_attention_heads)
 
@@ -121,7 +123,9 @@ def _mamba_heads(c, attrs: dict, table: dict) -> None:
                                  ("n_mamba_heads", "mamba_headdim", "mamba_expand"),
                                  ("num_heads", "head_dim", "expand")):
         n, e = _int(attrs, heads), _int(attrs, expand)
-        if hidden and n and e and width in attrs and (heads != "num_heads" or "n_groups" in attrs):
+        if n and _int(attrs, "mamba_d_ssm") and _int(attrs, width):  # Falcon-H1: inner width named
+            c.mamba_d_ssm = n * attrs[width]
+        elif hidden and n and e and width in attrs and (heads != "num_heads" or "n_groups" in attrs):
             setattr(c, width, e * hidden // n)
     if hidden and _int(attrs, "attention_hidden_size"):  # Zamba: attention reads [hidden | embeddings]
         c.attention_hidden_size = 2 * hidden
@@ -212,7 +216,7 @@ def shrink(config, table: dict[str, int], model_type: str = "") -> object:
         if "use_cache" in original:
             c.use_cache = False  # one forward, no generation: hybrids' caches need not be built
         for repair in REPAIRS:
-            repair(c, dict(vars(c)), table)
+            repair(c, {**vars(c), "_original": original}, table)
         attrs = dict(vars(c))
         if _int(attrs, "vocab_size") and WIDTH in table.values():  # width-shrinking tables
             # at most 512, but past every special token (a default config may name one past its vocabulary)
