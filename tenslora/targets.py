@@ -285,7 +285,7 @@ def _sites(model: nn.Module, names: Sequence[Sequence[str]], fused: bool) -> tup
                                    (None,) * len(projections)))
                 break
         else:
-            latent = _latent_sites(path, parent) if fused else None
+            latent = (_latent_sites(path, parent) or _shared_kv_sites(path, parent)) if fused else None
             if latent is not None:
                 sites.extend(latent[0])
                 refused.append(latent[1])
@@ -344,6 +344,23 @@ def _latent_sites(path: str, parent: nn.Module) -> tuple[list[_Site], str] | Non
     note = (f"latent attention ({type(parent).__name__}): adapted {adapted} (query and key/value are separate "
             f"stacks: they read different latents); not adapted: {missing}the down-projections to the latents "
             f"(q_a_proj, {LATENT_COMPRESSION}) and the rotary key part that {LATENT_COMPRESSION} shares across heads")
+    return sites, note
+
+
+def _shared_kv_sites(path: str, parent: nn.Module) -> tuple[list[_Site], str] | None:
+    """``(sites, note)`` of shared-KV latent attention (DeepSeek-V4: ``q_b_proj`` for the query, one
+    ``kv_proj`` head read as both key and value), else None: a ``("query",)`` site and a
+    ``("key_value",)`` site (one update serves key and value, as the model reads one tensor as both)."""
+    query, kv = _linear_child(parent, "q_b_proj"), _linear_child(parent, "kv_proj")
+    head_dim = _attr([parent], ("head_dim",))
+    if query is None or kv is None or _linear_child(parent, LATENT_KV) or _widths(kv[1])[1] != head_dim:
+        return None
+    name = (lambda rel: f"{path}.{rel}" if path else rel)
+    sites = [_Site(path, ("query",), (name(query[0]),), (_widths(query[1]),), (None,)),
+             _Site(path, ("key_value",), (name(kv[0]),), (_widths(kv[1]),), (None,))]
+    note = (f"shared-KV latent attention ({type(parent).__name__}): adapted query = q_b_proj and key_value = kv_proj "
+            "(one head read as both key and value, so one update serves both), as separate stacks; not adapted: "
+            "q_a_proj (the query latent) and any compressor's own projections")
     return sites, note
 
 

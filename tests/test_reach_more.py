@@ -214,3 +214,19 @@ def test_ibert_quant_mode_is_not_adapted():
     model = build("IBertForSequenceClassification", "IBertConfig", quant_mode=True, **IBERT)
     with pytest.raises(ValueError, match="IBertAttention.*hold no recognised Q/K/V"):
         find_targets(model)
+
+
+def test_deepseek_v4_shared_kv_exact():
+    """DeepSeek-V4 reads one ``kv_proj`` head as both key and value: adapted as one ``key_value`` projection
+    (its own stack) next to the query's ``q_b_proj``; exact against the weights edited by hand; the
+    warning names what is not adapted."""
+    from tenslora.coverage import model_types
+    from tenslora.tiny_models import build as build_tiny
+    (_, _, class_name), = model_types(["deepseek_v4"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _, _ = build_tiny("deepseek_v4", class_name)
+    with pytest.warns(UserWarning, match=r"shared-KV latent attention \(DeepseekV4Attention\).*not adapted: q_a_proj"):
+        targets = find_targets(model)
+    assert {(t.name.rsplit(".", 1)[-1], t.proj) for t in targets} == {("q_b_proj", "query"), ("kv_proj", "key_value")}
+    check_exact(model, "att", text_inputs(), expect_stacks=2)
