@@ -37,7 +37,7 @@ SHRINK_INT = {
                      "expert_ffn_hidden_size"), 64),
     "head_dim": 8, "d_kv": 8, "attention_head_size": 8, "v_head_dim": 8, "qk_nope_head_dim": 8,
     "qk_rope_head_dim": 8, "qk_head_dim": 16, "q_lora_rank": 16, "kv_lora_rank": 16, "rotary_dim": 8,
-    "linear_head_dim": 8, "num_latents": 8, "mm_tokens_per_image": 4, "pixel_shuffle_factor": 2, "mamba_dt_rank": 8, "num_kv_shared_layers": 0,
+    "linear_head_dim": 8, "num_latents": 8, "mm_tokens_per_image": 4, "pixel_shuffle_factor": 2, "max_source_positions": 64, "mamba_dt_rank": 8, "num_kv_shared_layers": 0,
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "num_experts_per_token"), 2),
     **dict.fromkeys(("n_group", "topk_group", "num_expert_group", "n_groups", "mamba_n_groups", "mamba_ngroups", "zero_expert_num"), 1),
@@ -311,18 +311,15 @@ def make_inputs(model) -> dict:
     inputs = {name: ids}
     if name == "input_ids":
         inputs["attention_mask"] = torch.ones_like(ids)
-        return _with_image(model, inputs, g) or inputs
+        return _with_media(model, inputs, g) or inputs
     return inputs
 
 
 _FEATURES = re.compile(r"features:? (\d+)")
 
 
-def _with_image(model, inputs: dict, g: torch.Generator) -> dict | None:
-    """Text inputs plus one image for a model that takes both (so its vision tower runs too): the
-    image's placeholder tokens inserted in the ids, as many as the model's error message says it
-    has features (and the image given as ``(batch, images, C, H, W)`` where the model says so); None
-    where that does not give a forward that runs."""
+def _image(model, g: torch.Generator) -> tuple[dict, tuple[str, ...]] | None:
+    """One random image for a model taking ``pixel_values`` with a vision sub-config, and its token names."""
     holder = next((c for c in configs(model.config) if getattr(c, "vision_config", None) is not None), None)
     if holder is None or "pixel_values" not in inspect.signature(model.forward).parameters:
         return None
@@ -330,27 +327,58 @@ def _with_image(model, inputs: dict, g: torch.Generator) -> dict | None:
     size = getattr(vision, "image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size
     pixels = torch.randn(1, getattr(vision, "num_channels", 3), size, size, generator=g)
-    token = next((v for c in configs(model.config) for k in ("image_token_id", "image_token_index")
-                  if isinstance(v := getattr(c, k, None), int)), None)
-    ids, count = inputs["input_ids"], 1
-    for _ in range(3):
-        if token is None:  # the model places the image itself (GIT)
-            trial = {**inputs, "pixel_values": pixels}
-        else:
-            with_image = torch.cat([ids[:, :1], torch.full((1, count), token), ids[:, 1:]], 1)
-            trial = {"input_ids": with_image, "attention_mask": torch.ones_like(with_image), "pixel_values": pixels}
-        try:
-            with torch.no_grad():
-                output(model, trial)
-            return trial
-        except Exception as err:  # noqa: BLE001 - a model that cannot take this image keeps text only
-            found = _FEATURES.search(str(err))
-            if "expected 5, got 4" in str(err) and pixels.dim() == 4:  # (batch, images, C, H, W): Idefics3-style
-                pixels = pixels.unsqueeze(1)
-            elif token is None or found is None:
-                return None
+    return {"pixel_values": pixels}, ("image_token_id", "image_token_index")
+
+
+def _audio(model, g: torch.Generator) -> tuple[dict, tuple[str, ...]] | None:
+    """One random log-mel clip (Whisper-style: ``2 * max_source_positions`` frames) for a model taking
+    ``input_features`` with an audio sub-config, and its token names."""
+    audio = getattr(model.config, "audio_config", None)
+    params = inspect.signature(model.forward).parameters
+    if audio is None or "input_features" not in params or not isinstance(getattr(audio, "num_mel_bins", None), int):
+        return None
+    frames = 2 * getattr(audio, "max_source_positions", 1500)
+    media = {"input_features": torch.randn(1, audio.num_mel_bins, frames, generator=g)}
+    if "input_features_mask" in params:
+        media["input_features_mask"] = torch.ones(1, frames, dtype=torch.long)
+    return media, ("audio_token_id", "audio_token_index")
+
+
+MEDIA: tuple[Callable, ...] = (_image, _audio)
+
+
+def _with_media(model, inputs: dict, g: torch.Generator) -> dict | None:
+    """Text inputs plus one image or audio clip for a model that takes both (so its vision or audio tower
+    runs too): the placeholder tokens inserted in the ids, as many as the model's error message says it
+    has features (an image given as ``(batch, images, C, H, W)`` where the model says so); None where
+    that does not give a forward that runs."""
+    for make in MEDIA:
+        made = make(model, g)
+        if made is None:
+            continue
+        media, token_names = made
+        token = next((v for c in configs(model.config) for k in token_names
+                      if isinstance(v := getattr(c, k, None), int)), None)
+        ids, count = inputs["input_ids"], 1
+        for _ in range(3):
+            if token is None:  # the model places the media itself (GIT)
+                trial = {**inputs, **media}
             else:
-                count = int(found.group(1))
+                with_media = torch.cat([ids[:, :1], torch.full((1, count), token), ids[:, 1:]], 1)
+                trial = {"input_ids": with_media, "attention_mask": torch.ones_like(with_media), **media}
+            try:
+                with torch.no_grad():
+                    output(model, trial)
+                return trial
+            except Exception as err:  # noqa: BLE001 - a model that cannot take this media keeps text only
+                found = _FEATURES.search(str(err))
+                pixels = media.get("pixel_values")
+                if "expected 5, got 4" in str(err) and pixels is not None and pixels.dim() == 4:
+                    media = {**media, "pixel_values": pixels.unsqueeze(1)}  # (batch, images, C, H, W)
+                elif token is None or found is None:
+                    break
+                else:
+                    count = int(found.group(1))
     return None
 
 

@@ -230,3 +230,35 @@ def test_deepseek_v4_shared_kv_exact():
         targets = find_targets(model)
     assert {(t.name.rsplit(".", 1)[-1], t.proj) for t in targets} == {("q_b_proj", "query"), ("kv_proj", "key_value")}
     check_exact(model, "att", text_inputs(), expect_stacks=2)
+
+
+@pytest.mark.parametrize("model_type", ["gptj", "zamba2", "llama4", "musicgen", "dots3_note_text", "falcon_h1",
+                                        "kimi_linear", "blt"])
+def test_tiny_builder_builds_types_the_default_shrink_broke(model_type):
+    """Each needs a repair: rotary_dim past head_dim, Mamba heads tiling the inner width, a text config
+    inside a composite one, one row of ids per codebook, per-layer overrides on dropped layers,
+    Falcon-H1's named inner width, per-layer lists cut with the layers, BLT's global width."""
+    from tenslora.coverage import model_types
+    from tenslora.tiny_models import build as build_tiny, has_attention
+    (_, _, class_name), = model_types([model_type])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, how, inputs = build_tiny(model_type, class_name)
+    assert how == "tiny" and has_attention(model)
+    assert sum(p.numel() for p in model.parameters()) < 60e6
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "git"])
+def test_vision_language_input_runs_every_tower(model_type):
+    """The benchmark's input for a vision-language model carries an image (its placeholder tokens counted
+    from the model), so the vision tower's adapted projections run: status ok, not partly-used."""
+    from tenslora.coverage import model_types, try_method
+    from tenslora.tiny_models import build as build_tiny, output
+    (_, _, class_name), = model_types([model_type])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _, inputs = build_tiny(model_type, class_name)
+        assert "pixel_values" in inputs
+        with torch.no_grad():
+            result = try_method(model, inputs, output(model, inputs), "att")
+    assert result["status"] == "ok", result
