@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from tenslora.constructions import CONSTRUCTIONS
 from tenslora.tiny_models import build, has_attention, output
 
 GROUPS = {
@@ -36,7 +37,7 @@ GROUPS = {
     "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
 }
 DEFAULT_METHODS = ("att", "qkv_depth", "lora")
-ALL_METHODS = ("att", "qkv", "depth", "att_qkv", "att_depth", "qkv_depth", "att_qkv_depth", "lora")
+ALL_METHODS = (*CONSTRUCTIONS, "lora")
 # why a type was not built: its error, by kind (the first matching pattern)
 NOT_BUILT_KINDS = (
     ("optional library missing", re.compile(r"^ImportError")),
@@ -231,8 +232,8 @@ def markdown(summary: dict, methods, label: str, command: str) -> str:
         lines.append(f"| {group} | " + " | ".join(str(c) for c in counts_row) + " | " + " | ".join(cells) + " |")
     kinds = summary["counts"].get("all", {}).get("not built", {})
     if kinds:
-        lines += ["", "Not built, by kind: " + "; ".join(f"{k} {n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
-                  + "."]
+        ranked = sorted(kinds.items(), key=lambda kv: -kv[1])
+        lines += ["", "Not built, by kind: " + "; ".join(f"{k} {n}" for k, n in ranked) + "."]
     lines += ["", "`ok (n)`: output changed and every adapted module ran; n of them have an attention module by class "
               "name. Other statuses: `error` (refused or failed), `no-op` (output unchanged), `unused` (no adapted "
               "module ran), `partly-used` (some adapted stacks did not run on this input, e.g. a vision tower on a "

@@ -37,12 +37,15 @@ SHRINK_INT = {
                      "expert_ffn_hidden_size"), 64),
     "head_dim": 8, "d_kv": 8, "attention_head_size": 8, "v_head_dim": 8, "qk_nope_head_dim": 8,
     "qk_rope_head_dim": 8, "qk_head_dim": 16, "q_lora_rank": 16, "kv_lora_rank": 16, "rotary_dim": 8,
-    "linear_head_dim": 8, "num_latents": 8, "mm_tokens_per_image": 4, "pixel_shuffle_factor": 2, "max_source_positions": 64, "mamba_dt_rank": 8, "num_kv_shared_layers": 0,
+    "linear_head_dim": 8, "num_latents": 8, "mamba_dt_rank": 8, "num_kv_shared_layers": 0,
+    "mm_tokens_per_image": 4, "pixel_shuffle_factor": 2, "max_source_positions": 64,
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "num_experts_per_token"), 2),
-    **dict.fromkeys(("n_group", "topk_group", "num_expert_group", "n_groups", "mamba_n_groups", "mamba_ngroups", "zero_expert_num"), 1),
+    **dict.fromkeys(("n_group", "topk_group", "num_expert_group", "n_groups", "mamba_n_groups", "mamba_ngroups",
+                     "zero_expert_num"), 1),
 }
-DEPTH_KEYS = {k for k, v in SHRINK_INT.items() if v == 2 and "layers" in k or k in ("n_layer", "num_self_attends_per_block")}
+DEPTH_KEYS = {k for k, v in SHRINK_INT.items()
+              if v == 2 and "layers" in k or k in ("n_layer", "num_self_attends_per_block")}
 SHRINK_DEPTH = {k: SHRINK_INT[k] for k in DEPTH_KEYS}
 # for hybrids whose 2 first layers hold no attention
 SHRINK_WIDTH = {k: v for k, v in SHRINK_INT.items() if k not in DEPTH_KEYS}

@@ -1,4 +1,4 @@
-"""``tenslora bench coverage``: runs the architecture-coverage benchmark on chosen types; bad input is one line, exit 2."""
+"""``tenslora bench coverage``: the architecture-coverage benchmark on chosen types; bad input: one line, exit 2."""
 import json
 import subprocess
 import sys
@@ -17,7 +17,8 @@ def test_coverage_on_three_types(tmp_path):
     data = json.loads((tmp_path / "res" / "cov-t.json").read_text())
     results = data["results"]
     assert set(results) == {"bert", "gpt2", "resnet"}
-    assert {t: results[t]["methods"]["att"]["status"] for t in results} == {"bert": "ok", "gpt2": "ok", "resnet": "error"}
+    statuses = {t: results[t]["methods"]["att"]["status"] for t in results}
+    assert statuses == {"bert": "ok", "gpt2": "ok", "resnet": "error"}
     assert results["resnet"]["attention"] is False
     counts = data["summary"]["counts"]["all"]
     assert counts["types"] == {"n": 3, "built": 3, "attention": 2}

@@ -57,7 +57,8 @@ def coverage(
     methods: str = typer.Option("att,qkv_depth,lora", help="Comma-separated constructions and 'lora', or 'all'."),
     types: str = typer.Option("", help="Comma-separated model types (default: every type of transformers' "
                                        "sequence-classification, image-classification and causal-LM mappings)."),
-    out: str = typer.Option("benchmarks/results/coverage/coverage", help="Output stem: writes OUT-LABEL.json/.md."),
+    out: str = typer.Option("benchmarks/results/coverage/coverage",
+                            help="Output stem: writes OUT-LABEL.json/.md."),
     label: str = typer.Option("run", help="Name of this run (e.g. before, after)."),
     timeout: int = typer.Option(90, help="Seconds per model type (its build and every method)."),
 ) -> None:
