@@ -273,9 +273,11 @@ def _fused_site(model: nn.Module, path: str, parent: nn.Module, leaf: str, found
                  tuple(tuple(c) for c in columns))
 
 
-def _sites(model: nn.Module, names: Sequence[Sequence[str]], fused: bool) -> tuple[list[_Site], list[str]]:
-    """Attention sites in module order, and why each refused candidate was refused."""
-    sites, refused = [], []
+def _sites(model: nn.Module, names: Sequence[Sequence[str]],
+           fused: bool) -> tuple[list[_Site], list[str], list[str]]:
+    """Attention sites in module order, why each refused candidate was refused, and notes on what
+    partly-adapted kinds (latent attention) leave out."""
+    sites, refused, notes = [], [], []
     for path, parent in model.named_modules():
         for projections in names:
             found = [_linear_child(parent, leaf) for leaf in projections]
@@ -288,7 +290,7 @@ def _sites(model: nn.Module, names: Sequence[Sequence[str]], fused: bool) -> tup
             latent = (_latent_sites(path, parent) or _shared_kv_sites(path, parent)) if fused else None
             if latent is not None:
                 sites.extend(latent[0])
-                refused.append(latent[1])
+                notes.append(latent[1])
                 continue
             attention_like = _ATTENTION_CLASS.search(type(parent).__name__)
             for leaf in FUSED_QKV if fused and attention_like else ():
@@ -300,7 +302,7 @@ def _sites(model: nn.Module, names: Sequence[Sequence[str]], fused: bool) -> tup
                 except ValueError as err:
                     refused.append(str(err))
                 break
-    return sites, refused
+    return sites, refused, notes
 
 
 # latent attention (DeepSeek-V2/V3 MLA and its copies): the query from ``q_b_proj`` (or ``q_proj`` without a
@@ -393,9 +395,10 @@ def find_targets(model: nn.Module, target_modules: Sequence[str] | None = None) 
 
     ``target_modules``: leaf names of the projections, in ``qkv`` order (default: the synonym table)."""
     names = [tuple(target_modules)] if target_modules else SEPARATE_QKV
-    sites, refused = _sites(model, names, fused=not target_modules)
+    sites, refused, notes = _sites(model, names, fused=not target_modules)
     if not target_modules and not refused:
         refused += _uncovered_attention(model, [s.path for s in sites])
+    refused += notes
     if not sites:
         allowed = " | ".join(",".join(p) for p in SEPARATE_QKV) + " | fused " + ",".join(FUSED_QKV)
         tried = ",".join(target_modules) if target_modules else allowed

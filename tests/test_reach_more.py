@@ -262,3 +262,18 @@ def test_vision_language_input_runs_every_tower(model_type):
         with torch.no_grad():
             result = try_method(model, inputs, output(model, inputs), "att")
     assert result["status"] == "ok", result
+
+
+def test_latent_note_does_not_hide_another_uncovered_attention():
+    """A model with latent attention and, elsewhere, an attention kind with no Q/K/V: both are named."""
+    class OtherAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Linear(32, 32)
+
+    model = build("DeepseekV3ForSequenceClassification", "DeepseekV3Config", **DEEPSEEK)
+    model.model.extra = OtherAttention()
+    with pytest.warns(UserWarning) as record:
+        find_targets(model)
+    text = " ".join(str(w.message) for w in record)
+    assert "latent attention (DeepseekV3Attention)" in text and "1 attention modules (OtherAttention" in text
