@@ -67,7 +67,8 @@ def _adapted_modules(adapted):
 
 def try_method(base, inputs, reference, method: str) -> dict:
     """``{'status': ok|error|no-op|unused, 'reason': ..., 'adapted': ...}``."""
-    from tenslora import TensLoRAConfig, get_adapted_model
+    from tenslora.api import get_adapted_model
+    from tenslora.config import TensLoRAConfig
     model = copy.deepcopy(base)
     try:
         config = TensLoRAConfig(construction=method, factorization="tucker", ranks=4)
