@@ -36,12 +36,15 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if isinstance(out, tuple):  # I-BERT's QuantLinear: (y, scaling factor); the update goes to y
+            return (self._with_update(x, out[0]), *out[1:])
+        return self._with_update(x, out)
+
+    def _with_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return out
         a, b = self.adapter.pair(self.batch_index)
         update = (self.dropout(x).to(a.dtype) @ a) @ b
-        if isinstance(out, tuple):  # I-BERT's QuantLinear: (y, scaling factor)
-            return (out[0] + (self.scaling * update).to(out[0].dtype), *out[1:])
         return out + (self.scaling * update).to(out.dtype)
 
     def _weight_delta(self) -> torch.Tensor:
