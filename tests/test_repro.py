@@ -38,6 +38,29 @@ def test_match_ranks_counts_are_exact_and_close():
                 assert abs(m.ratio - 1) <= 0.02
 
 
+def test_match_ranks_tensor_train_is_the_closest_uniform_bond_rank():
+    """TT: one bond rank, capped per bond; the real adapted model has the predicted count, and the
+    neighbouring uniform ranks are not closer to the target."""
+    from tenslora.config import TensLoRAConfig
+    from tenslora.constructions import CONSTRUCTIONS
+    from tenslora.layout import capped_config
+    from tenslora.params import predict_adapter_parameters
+
+    shape = make_shape(384, 12, 6)
+    target = lora_count(shape, 2)
+    for c in CONSTRUCTIONS:
+        m = match_ranks(c, "tt", shape, target)
+        assert predict_adapter_parameters(TensLoRAConfig(construction=c, factorization="tt", ranks=m.ranks),
+                                          shape) == m.parameters
+        r = max(m.ranks)
+        for other in (r - 1, r + 1):
+            if other >= 1:
+                cfg = capped_config(TensLoRAConfig(construction=c, factorization="tt", ranks=other), shape)
+                assert abs(m.parameters - target) <= abs(predict_adapter_parameters(cfg, shape) - target)
+        under = match_ranks(c, "tt", shape, target, at_most=True)
+        assert under.parameters <= target
+
+
 def test_match_ranks_prefers_balanced_and_known_values():
     shape = make_shape(768, 12, 12)  # RoBERTa-base / ViT-base
     m = match_ranks("qkv_depth", "tucker", shape, lora_count(shape, 2))
