@@ -10,12 +10,16 @@ from pathlib import Path
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
