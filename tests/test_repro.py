@@ -2,13 +2,14 @@
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from tenslora.repro.collect import collect
 from tenslora.repro.match import imbalance, lora_count, match_ranks
 from tenslora.repro.plan import generate, job_roles, plan_task, sweep_dict
-from tenslora.repro.report import EXP_TITLES, write_report
+from tenslora.repro.report import EXP_TITLES, README_END, README_START, readme_summary, update_readme, write_report
 from tenslora.repro.run import run
 from tenslora.repro.spec import (INDEX_FILE, REPO_ROOT, load_config, make_shape, model_shape_for, scale_tasks)
 from tenslora.repro.spec import STATIC_EXPERIMENTS as EXPERIMENTS  # A, B, C (D and E: test_repro_lrgrid.py)
@@ -36,6 +37,29 @@ def test_match_ranks_counts_are_exact_and_close():
                 assert abs(m.parameters - target) <= min(abs(per * (m.ranks[0] + d) - target) for d in (-1, 1))
             else:
                 assert abs(m.ratio - 1) <= 0.02
+
+
+def test_match_ranks_tensor_train_is_the_closest_uniform_bond_rank():
+    """TT: one bond rank, capped per bond; the real adapted model has the predicted count, and the
+    neighbouring uniform ranks are not closer to the target."""
+    from tenslora.config import TensLoRAConfig
+    from tenslora.constructions import CONSTRUCTIONS
+    from tenslora.layout import capped_config
+    from tenslora.params import predict_adapter_parameters
+
+    shape = make_shape(384, 12, 6)
+    target = lora_count(shape, 2)
+    for c in CONSTRUCTIONS:
+        m = match_ranks(c, "tt", shape, target)
+        assert predict_adapter_parameters(TensLoRAConfig(construction=c, factorization="tt", ranks=m.ranks),
+                                          shape) == m.parameters
+        r = max(m.ranks)
+        for other in (r - 1, r + 1):
+            if other >= 1:
+                cfg = capped_config(TensLoRAConfig(construction=c, factorization="tt", ranks=other), shape)
+                assert abs(m.parameters - target) <= abs(predict_adapter_parameters(cfg, shape) - target)
+        under = match_ranks(c, "tt", shape, target, at_most=True)
+        assert under.parameters <= target
 
 
 def test_match_ranks_prefers_balanced_and_known_values():
@@ -254,3 +278,38 @@ def test_report_from_synthetic_results(tmp_path):
     next(p for p in d.glob("*.json") if p.name != "_index.json").unlink()
     res = write_report(tmp_path / "results", out, tmp_path / "docs" / "results", from_results=True)
     assert "PARTIAL RESULTS" in out.read_text()
+    # the README block: generated from the same verdicts, between its markers; NOTE.md goes under the header
+    (tmp_path / "results" / "NOTE.md").write_text("**Scope.** measured on a test machine.")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{README_START}\nold text\n{README_END}\nafter\n")
+    res = write_report(tmp_path / "results", out, tmp_path / "docs" / "results", from_results=True)
+    assert "**Scope.** measured on a test machine." in out.read_text()
+    update_readme(readme, readme_summary(res, "docs/results.md"))
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n") and text.endswith("after\n") and "old text" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| 1. "))
+    assert row.endswith(f"| {HELD} |") and "**partial**" in text  # one run was removed above
+    row6 = next(line for line in text.splitlines() if line.startswith("| 6. "))
+    assert "not measured" in res["verdicts"]["syn"][6][1] and row6.endswith("| not measured |")  # E: no runs
+    update_readme(readme, readme_summary(res, "docs/results.md"))
+    assert readme.read_text() == text  # regenerating is stable
+    bare = tmp_path / "BARE.md"
+    bare.write_text("no markers\n")
+    with pytest.raises(ValueError, match="BARE.md has no results block"):
+        update_readme(bare, "x")
+    assert bare.read_text() == "no markers\n"
+
+
+def test_report_cli_checks_the_readme_before_writing(tmp_path):
+    """`repro report --readme` on a README without the markers: exit 2, one line, no report written."""
+    import subprocess
+    import sys
+
+    bare = tmp_path / "README.md"
+    bare.write_text("no markers\n")
+    out = tmp_path / "results.md"
+    done = subprocess.run([sys.executable, "-m", "tenslora", "repro", "report", "--from-results",
+                           "benchmarks/results", "--out", str(out), "--readme", str(bare)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and "has no results block" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists() and bare.read_text() == "no markers\n"

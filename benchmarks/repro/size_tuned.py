@@ -8,6 +8,10 @@ into evaluation (10.5 ms per example, from the runs that evaluate the test split
 it once) and the rest. A D/E job is then re-costed with its own validation and test sizes, plus the start of
 the process outside the training loop (7.5 s: the CPU time of a whole 1-step ``tenslora train`` process,
 measured 7.3 s for MiniLM and 7.6 s for DINOv2-small). Job counts come from the repro file's plan.
+
+The LLM task (SmolLM2-135M, tweets-instruct) has no earlier runs; its costs are the CPU times of two
+measured jobs that differ only in their step count (``LLM_*`` below; docs/reproduce.md gives the commands).
+Tensor-train configurations are issue 16's comparison and are totalled apart from issue 14's budget.
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 STARTUP_S = 7.5
 VALIDATIONS = 3  # eval_every 50 over 150 steps
+# SmolLM2 jobs, 1 thread, batch 8, max length 128: 4 steps took 181.5 s CPU and 12 steps 236.2 s (each with
+# 100 validation + 100 test examples), so 6.8 s per step; the rest, less a 10 s start, is 0.72 s per example.
+LLM_STEP_S, LLM_EXAMPLE_S, LLM_START_S = (236.2 - 181.5) / 8, (181.5 - 4 * (236.2 - 181.5) / 8 - 10) / 200, 10.0
 
 
 def measured(task: str) -> tuple[float, float, float, int]:
@@ -45,6 +52,12 @@ def job_s(m, validation: int, test: int, p_twice: float | None = None) -> float:
     return core + VALIDATIONS * validation * per_example + (1 + p) * test * per_example + STARTUP_S
 
 
+def llm_job_s(base: dict, validation: int, test: int) -> float:
+    steps = int(base["max_steps"])
+    validations = steps // int(base["eval_every"])
+    return LLM_START_S + steps * LLM_STEP_S + (validations * validation + test) * LLM_EXAMPLE_S
+
+
 def main() -> None:
     from tenslora.repro.plan import task_seeds, tuning
     from tenslora.repro.spec import load_config, model_shape_for, scale_tasks
@@ -52,25 +65,45 @@ def main() -> None:
     cfg = load_config()
     slots = cfg["scales"]["cpu"]["slots"]
     totals = {"as planned": 0.0, "test twice always": 0.0, "Fashion-MNIST full 10,000 test": 0.0}
-    for task in scale_tasks(cfg, "cpu", ["text", "vision"]):
-        m = measured(task["name"])
+    tt_total = 0.0
+    for task in scale_tasks(cfg, "cpu", ["text", "vision", "llm"]):
         tune = tuning(cfg, task, ["D", "E"], model_shape_for(task["base"]["model"]))
-        grid = len(tune["configs"]) * len(tune["lrs"])
-        phase2 = (len(tune["tuned"]) + len(tune["layers"]["arms"])) * len(task_seeds(cfg, "cpu", task))
+        seeds = len(task_seeds(cfg, "cpu", task))
+        arms = len(tune["layers"]["arms"]) if tune["layers"] else 0
+        tt = sum(label.endswith("/tt") for label in tune["configs"])
+        grid = (len(tune["configs"]) - tt) * len(tune["lrs"])
+        phase2 = (len(tune["tuned"]) - tt + arms) * seeds
         val = int(tune["tuned_options"].get("validation_size") or task["base"]["eval_samples"])
         test_grid = int(task["base"]["eval_samples"])
         test = tune["test_options"].get("eval_samples") or {"tweets": 2000, "fashion-mnist": 10000}[task["name"]]
+        if task["name"] == "tweets-instruct":
+            g, p = llm_job_s(task["base"], val, test_grid), llm_job_s(task["base"], val, test)
+            zero = LLM_START_S + test * LLM_EXAMPLE_S if task.get("zero_shot") else 0.0
+            print(f"{task['name']}: measured {LLM_STEP_S:.1f} s per step, {LLM_EXAMPLE_S:.2f} s per evaluated example")
+            print(f"  grid {grid} jobs x {g:.0f} s + phase 2 {phase2} jobs x {p:.0f} s + zero-shot {zero:.0f} s "
+                  f"= {grid * g + phase2 * p + zero:,.0f} slot-s")
+            for name in totals:
+                totals[name] += grid * g + phase2 * p + zero
+            continue
+        m = measured(task["name"])
         g, p = job_s(m, val, test_grid), job_s(m, val, test)
         print(f"{task['name']}: measured on {m[3]} idle runs: {m[0]:.1f} s without evaluation, "
               f"{m[1] * 1000:.2f} ms per evaluated example, P(test twice) {m[2]:.2f}")
         print(f"  grid {grid} jobs x {g:.0f} s + phase 2 {phase2} jobs x {p:.0f} s (validation {val}, test {test}) "
               f"= {grid * g + phase2 * p:,.0f} slot-s")
+        if tt:
+            tt_s = tt * len(tune["lrs"]) * g + tt * seeds * p
+            tt_total += tt_s
+            print(f"  plus tensor-train (issue 16): {tt} configurations, {tt * len(tune['lrs'])} + {tt * seeds} jobs "
+                  f"= {tt_s:,.0f} slot-s")
         totals["as planned"] += grid * g + phase2 * p
         totals["test twice always"] += grid * job_s(m, val, test_grid, 1.0) + phase2 * job_s(m, val, test, 1.0)
         full = 10000 if task["name"] == "fashion-mnist" else test
         totals["Fashion-MNIST full 10,000 test"] += grid * g + phase2 * job_s(m, val, full)
     for name, t in totals.items():
         print(f"{name}: {t:,.0f} slot-s / {slots} slots = {t / slots:,.0f} s = {t / slots / 3600:.2f} h")
+    print(f"tensor-train configurations (issue 16, apart): {tt_total:,.0f} slot-s / {slots} slots = "
+          f"{tt_total / slots / 3600:.2f} h")
 
 
 if __name__ == "__main__":

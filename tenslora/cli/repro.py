@@ -1,6 +1,7 @@
 """``tenslora repro``: re-measure the TensLoRA / TensLoRA+ claims with seeds and controls, and report."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -61,19 +62,26 @@ def report(
     note: str = typer.Option("", "--note", help="A paragraph added under the report's header."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP + " Its tasks without results are "
                                                                  "listed as not run."),
+    readme: Optional[Path] = typer.Option(None, "--readme", help="Also replace the verdict summary block of this "
+                                                                 "README (between its repro-summary markers)."),
 ) -> None:
     """Tables (mean ± std over seeds), plots and one verdict per claim, from the sweep aggregation."""
-    from tenslora.repro.report import write_report
+    from tenslora.repro.report import readme_block, readme_summary, update_readme, write_report
     from tenslora.repro.spec import load_config
 
     if (source is None) == (from_results is None):
         raise ValueError("give a repro directory or --from-results DIR (one of them)")
+    if readme is not None:
+        readme_block(readme)  # checked before anything is written
     plots_dir = plots if plots is not None else out.parent / "results"
     res = write_report(from_results or source, out, plots_dir, from_results=from_results is not None,
                        note=note, config=load_config(config))
     for task, verdicts in res["verdicts"].items():
         for k, (verdict, _) in verdicts.items():
             typer.echo(f"{task}: claim {k}: {verdict}")
+    if readme is not None:
+        update_readme(readme, readme_summary(res, os.path.relpath(res["markdown"], readme.parent)))
+        typer.echo(f"updated the results summary in {readme}")
     missing = sum(len(m) for m in res["missing"].values())
     typer.echo(f"wrote {res['markdown']} and {len(res['plots'])} plot(s) in {plots_dir}"
                + (f"; PARTIAL: {missing} planned run(s) missing" if missing else ""))

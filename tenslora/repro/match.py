@@ -59,7 +59,8 @@ def match_ranks(construction: str, factorization: str, shape, target: int, *, to
                 at_most: bool = False) -> Match:
     """Ranks whose adapter has about ``target`` parameters, preferring balanced ranks.
 
-    CP: the rank with the closest count. Tucker: every rank vector (each rank between 1 and its mode
+    CP: the rank with the closest count. Tensor-train: one rank for every bond, each capped by what its
+    bond can use (:func:`tenslora.layout.capped_config`), the closest count. Tucker: every rank vector (each rank between 1 and its mode
     size, and no rank above the product of the others, which would add parameters and no capacity) is
     scored; among those within ``max(tol, best gap)`` of the target (relative), the most balanced one
     (smallest :func:`imbalance`) wins, ties by the smaller gap, then by the smaller count. ``at_most``:
@@ -97,8 +98,10 @@ def match_ranks(construction: str, factorization: str, shape, target: int, *, to
         r, n = best[1], best[2]
         assert count([r]) == n
         return Match(construction, "cp", (r,), n, target)
+    if factorization == "tt":
+        return _match_tt(construction, shape, target, at_most)
     if factorization != "tucker":
-        raise ValueError(f"factorization must be tucker or cp, got {factorization!r}")
+        raise ValueError(f"factorization must be tucker, cp or tt, got {factorization!r}")
     limit = target * (1 + max(tol, 0.5))
     axes = []
     for i, d in enumerate(sizes):
@@ -130,6 +133,28 @@ def match_ranks(construction: str, factorization: str, shape, target: int, *, to
     checked = count(ranks)
     assert checked == n, (construction, ranks, checked, n)
     return Match(construction, "tucker", ranks, n, target)
+
+
+def _match_tt(construction: str, shape, target: int, at_most: bool) -> Match:
+    """One tensor-train rank for all bonds (capped per bond); the count closest to ``target``."""
+    from tenslora.config import TensLoRAConfig
+    from tenslora.layout import capped_config
+    from tenslora.params import predict_adapter_parameters
+
+    best, previous, r = None, None, 1
+    while True:
+        cfg = capped_config(TensLoRAConfig(construction=construction, factorization="tt", ranks=r), shape)
+        n = predict_adapter_parameters(cfg, shape)
+        if n == previous or (at_most and n > target):
+            break  # every bond capped, or over the target
+        if best is None or abs(n - target) < abs(best[0] - target):
+            best = (n, tuple(cfg.ranks.values()))
+        if n > target:
+            break
+        previous, r = n, r + 1
+    if best is None:
+        raise ValueError(f"no tensor-train rank of {construction} fits {target:,} parameters")
+    return Match(construction, "tt", best[1], best[0], target)
 
 
 def lora_count(shape, rank: int) -> int:

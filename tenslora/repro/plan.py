@@ -48,8 +48,8 @@ def tuning(config: dict, task: dict, experiments: Sequence[str], shape) -> dict[
         if label.startswith("lora r="):
             return {"construction": "lora", "ranks": label[len("lora r="):]}
         c, _, f = label.partition("/")
-        if f not in ("tucker", "cp"):
-            raise ValueError(f"configuration {label!r} is not 'lora r=K' or '<construction>/<tucker|cp>'")
+        if f not in ("tucker", "cp", "tt"):
+            raise ValueError(f"configuration {label!r} is not 'lora r=K' or '<construction>/<tucker|cp|tt>'")
         return {"construction": c, "factorization": f, "ranks": match_ranks(c, f, shape, target).ranks_string}
 
     labels = [f"lora r={r}" for r in d.get("lora_ranks", [])] + list(d.get("configurations", [])) if "D" in exps else []

@@ -113,7 +113,7 @@ def plot_grid(task: str, metric: str, values: dict[str, dict[float, float | None
         xs = sorted(lr for lr, v in pts.items() if v is not None and not math.isnan(v))
         if not xs:
             continue
-        style = "s-" if label.startswith("lora") else "o--" if label.endswith("/cp") else "o-"
+        style = "s-" if label.startswith("lora") else {"cp": "o--", "tt": "o:"}.get(label.rpartition("/")[2], "o-")
         line, = ax.plot(xs, [pts[x] for x in xs], style, markersize=4, linewidth=1, label=label)
         lr = chosen.get(label)
         if lr in pts and pts[lr] is not None and not math.isnan(pts[lr]):
