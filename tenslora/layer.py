@@ -38,6 +38,8 @@ class AdaptedLinear(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if isinstance(out, tuple):  # I-BERT's QuantLinear: (y, scaling factor); the update goes to y
             return (self._with_update(x, out[0]), *out[1:])
+        if isinstance(self.base_layer, nn.Conv1d):  # kernel 1: a linear map over channels, (N, C, W)
+            return self._with_update(x.transpose(-1, -2), out.transpose(-1, -2)).transpose(-1, -2)
         return self._with_update(x, out)
 
     def _with_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -48,8 +50,11 @@ class AdaptedLinear(nn.Module):
         return out + (self.scaling * update).to(out.dtype)
 
     def _weight_delta(self) -> torch.Tensor:
-        """``delta_weight()`` in the base weight's layout (transformers' ``Conv1D`` stores ``(in, out)``)."""
+        """``delta_weight()`` in the base weight's layout (transformers' ``Conv1D`` stores ``(in, out)``,
+        ``nn.Conv1d`` ``(out, in, 1)``)."""
         delta = self.delta_weight()
+        if isinstance(self.base_layer, nn.Conv1d):
+            return delta.unsqueeze(-1)
         return delta.T if type(self.base_layer).__name__ == "Conv1D" else delta
 
     @torch.no_grad()

@@ -161,12 +161,17 @@ class ModelShape:
 
 
 def _widths(module: nn.Module) -> tuple[int, int] | None:
-    """``(in, out)`` of a linear module (``nn.Linear``, transformers' ``Conv1D``, or I-BERT's ``QuantLinear``
-    outside quantization mode, where quantized integer weights would not take a float update), else None."""
+    """``(in, out)`` of a linear module (``nn.Linear``, transformers' ``Conv1D``, an ``nn.Conv1d`` with kernel 1
+    and one group, or I-BERT's ``QuantLinear`` outside quantization mode, where quantized integer weights
+    would not take a float update), else None. A grouped 1x1 convolution is not one: its block-diagonal
+    weight cannot hold a dense update."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return module.weight.shape[0], module.nf
+    if isinstance(module, nn.Conv1d) and module.kernel_size == (1,) and module.groups == 1 \
+            and module.stride == (1,) and module.padding in ((0,), "valid") and module.dilation == (1,):
+        return module.in_channels, module.out_channels  # a linear map over channels (SqueezeBERT)
     if type(module).__name__ == "QuantLinear" and getattr(module, "quant_mode", True) is False:
         return module.in_features, module.out_features  # I-BERT unquantized: a linear returning (y, None)
     return None

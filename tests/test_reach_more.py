@@ -277,3 +277,51 @@ def test_latent_note_does_not_hide_another_uncovered_attention():
         find_targets(model)
     text = " ".join(str(w.message) for w in record)
     assert "latent attention (DeepseekV3Attention)" in text and "1 attention modules (OtherAttention" in text
+
+
+SQUEEZEBERT = dict(hidden_size=32, embedding_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   vocab_size=101, num_labels=3)
+
+
+@pytest.mark.parametrize("construction", ["att", "qkv_depth"])
+def test_squeezebert_conv1d_kernel_one(construction):
+    """SqueezeBERT with one group: ``query/key/value`` are ``nn.Conv1d(d, d, 1)`` on ``(N, C, W)``, a linear map
+    over channels (weight ``(out, in, 1)``); the reference adds the hand-sliced update to ``weight[..., 0]``."""
+    from test_reach import hand_matrix, randomize
+    model = build("SqueezeBertForSequenceClassification", "SqueezeBertConfig", q_groups=1, k_groups=1, v_groups=1,
+                  **SQUEEZEBERT)
+    targets = find_targets(model)
+    assert {t.name.rsplit(".", 1)[-1] for t in targets} == {"query", "key", "value"} and len(targets) == 6
+    original = copy.deepcopy(model)
+    adapted = get_adapted_model(model, TensLoRAConfig(construction, ranks=3, alpha=6.0))
+    randomize(adapted)
+    ref = copy.deepcopy(original)
+    with torch.no_grad():
+        for t in targets:
+            ref.get_submodule(t.name).weight[..., 0] += hand_matrix(adapted, t).T
+        inputs = text_inputs()
+        out, expected = adapted(**inputs).logits, ref(**inputs).logits
+        assert not torch.allclose(out, original(**inputs).logits, atol=1e-4)
+        assert torch.allclose(out, expected, atol=1e-5), (out - expected).abs().max()
+        adapted.merge()
+        assert torch.allclose(adapted(**inputs).logits, expected, atol=1e-5)
+
+
+def test_squeezebert_grouped_conv1d_is_not_adapted():
+    """The default SqueezeBERT (``q_groups=4``): grouped 1x1 convolutions are refused, the attention class named."""
+    model = build("SqueezeBertForSequenceClassification", "SqueezeBertConfig", q_groups=4, k_groups=4, v_groups=4,
+                  **SQUEEZEBERT)
+    with pytest.raises(ValueError, match="SqueezeBertSelfAttention.*hold no recognised Q/K/V"):
+        find_targets(model)
+
+
+def test_squeezebert_conv1d_lora_and_predicted_count():
+    """The LoRA baseline adapts the same ``nn.Conv1d`` modules (PEFT's Conv1d LoRA); predicted count = real."""
+    from tenslora import predict_adapter_parameters
+    model = build("SqueezeBertForSequenceClassification", "SqueezeBertConfig", q_groups=1, k_groups=1, v_groups=1,
+                  **SQUEEZEBERT)
+    lora = get_adapted_model(model, TensLoRAConfig("lora", ranks=3))
+    assert len(lora.adapted_modules) == 6
+    assert predict_adapter_parameters(lora.adapter_config, lora.shape) == lora.adapter_parameters() == 2 * 3 * 3 * 64
+    with torch.no_grad():
+        lora(**text_inputs())
