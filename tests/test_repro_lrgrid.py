@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from tenslora.repro.plan import job_roles, plan_task, sweep_dict, tuning
-from tenslora.repro.report import write_report
+from tenslora.repro.report import edge_choices, write_report
 from tenslora.repro.run import run
 from tenslora.repro.select import choose, select_rates, store_selection, validation_metric
 from tenslora.repro.spec import INDEX_FILE, SELECTION_FILE, load_config, model_shape_for, scale_tasks
@@ -194,6 +194,8 @@ def test_two_phase_run_selects_on_validation_and_resumes(tmp_path):
     res = write_report(root, out, tmp_path / "docs" / "results")
     md = out.read_text()
     assert "Experiment D" in md and "| lora r=2 | 0.4863 | **0.5000** | 0.4500 | 0.001 |" in md
+    assert "Chosen at the edge" not in md  # every rate chosen inside the grid
+    assert edge_choices({"a": {"lr": 3e-2}, "b": {"lr": 1e-3}, "c": {"lr": 3e-4}}, [3e-4, 1e-3, 3e-2]) == ["a", "c"]
     assert any(p.name == "D_grid_fake-text.png" and p.stat().st_size > 1000 for p in res["plots"])
     v = res["verdicts"]["fake-text"]
     assert v["1 (tuned)"][0] == HELD and "LoRA r=2" in v["1 (tuned)"][1]

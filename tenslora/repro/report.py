@@ -122,6 +122,11 @@ def grid_from_runs(index: dict, by_name: dict[str, dict]) -> dict[str, dict[floa
     return grid
 
 
+def edge_choices(selection: dict, lrs: Sequence[float]) -> list[str]:
+    """Configurations whose chosen rate is the smallest or the largest of the grid ``lrs``."""
+    return [label for label, rec in selection.items() if float(rec["lr"]) in (min(lrs), max(lrs))]
+
+
 def section_d(task: str, index: dict, data: dict, by_name: dict, metrics: Sequence[str], plots_dir: Path,
               rel: str) -> tuple[list[str], list[Path]]:
     """D's markdown: the grid (validation metric per rate, the chosen rate, a plot) and the tuned runs."""
@@ -159,6 +164,11 @@ def section_d(task: str, index: dict, data: dict, by_name: dict, metrics: Sequen
         rows.append("| " + " | ".join(cells) + " |")
     lines.append(f"Grid: `{vmetric}` per learning rate (bold: the chosen rate).\n")
     lines.append("\n".join(rows) + "\n")
+    edge = edge_choices(stored, lrs)
+    if edge:
+        lines.append("**Chosen at the edge of the grid** (a better rate may lie beyond it, so these methods may "
+                     "still be under-tuned): " + ", ".join(f"{label} ({lr_key(float(stored[label]['lr']))})"
+                                                          for label in edge) + ".\n")
     bad = [label for label in stored if label in recomputed and float(recomputed[label]["lr"]) != float(stored[label]["lr"])]
     if bad:
         lines.append("**SELECTION MISMATCH**: the grid results now give another rate than the one the reported runs "
