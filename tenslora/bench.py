@@ -26,7 +26,8 @@ from tenslora.targets import ModelShape
 @dataclass
 class StepBench:
     """Model shape and workload: RoBERTa-base by default (12 layers, hidden 768, 12 heads);
-    ``kv_heads > 0``: a LLaMA decoder with grouped-query attention (``kv_heads`` key/value heads)."""
+    ``kv_heads > 0``: a LLaMA decoder with grouped-query attention (``kv_heads`` key/value heads);
+    ``targets``: the adapted projections for every method, LoRA included (``qkv`` or ``qkvo``)."""
 
     layers: int = 12
     hidden: int = 768
@@ -39,12 +40,15 @@ class StepBench:
     device: str = "cpu"
     rank: int = 8
     kv_heads: int = 0
+    targets: str = "qkv"
 
     def shape(self) -> ModelShape:
+        """The adapted shape; the output projection, when adapted, is as wide as the query (transposed)."""
         head_dim = self.hidden // self.heads
         kv = (self.kv_heads or self.heads) * head_dim
-        return ModelShape(("query", "key", "value"), tuple(range(self.layers)), self.hidden, (self.hidden, kv, kv),
-                          head_dim)
+        extra = {"qkv": (), "qkvo": (("output", self.hidden),)}[self.targets]
+        return ModelShape(("query", "key", "value", *(p for p, _ in extra)), tuple(range(self.layers)), self.hidden,
+                          (self.hidden, kv, kv, *(d for _, d in extra)), head_dim)
 
 
 FACTORIZATIONS = ("tucker", "cp", "tt")
@@ -91,7 +95,8 @@ def _build(method: str, bench: StepBench):
     construction, _, factorization = method.partition(":")
     factorization = factorization or "tucker"
     ranks = bench.rank if construction == "lora" else typical_ranks(construction, factorization, bench)
-    adapted = get_adapted_model(model, TensLoRAConfig(construction, factorization, ranks=ranks))
+    adapted = get_adapted_model(model, TensLoRAConfig(construction, factorization, ranks=ranks,
+                                                      targets=bench.targets))
     return adapted, adapted.adapter_parameters()
 
 

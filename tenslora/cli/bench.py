@@ -22,6 +22,8 @@ def step_time(
     rank: int = typer.Option(8, help="LoRA rank and typical TensLoRA rank."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+    targets: str = typer.Option("qkv", help="Adapted projections for every method, LoRA included: qkv or qkvo "
+                                            "(plus the attention output projection)."),
     methods: str = typer.Option("", help="Comma-separated subset, e.g. 'lora,qkv_depth:tucker' (default: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a table."),
 ) -> None:
@@ -30,7 +32,9 @@ def step_time(
     from rich.table import Table
 
     from tenslora.bench import StepBench, default_methods, run_all
-    bench = StepBench(layers, hidden, heads, batch, seq, steps, warmup, threads, device, rank, kv_heads)
+    if targets not in ("qkv", "qkvo"):
+        raise ValueError(f"unknown --targets {targets!r}; allowed: qkv, qkvo")
+    bench = StepBench(layers, hidden, heads, batch, seq, steps, warmup, threads, device, rank, kv_heads, targets)
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or default_methods()
     if "lora" not in chosen:
         chosen = ["lora", *chosen]
@@ -42,7 +46,8 @@ def step_time(
         print(json.dumps({"bench": bench.__dict__, "rows": rows}, indent=2))
         return
     kind = f"LLaMA, {heads} query / {kv_heads} kv heads" if kv_heads else f"RoBERTa, {heads} heads"
-    table = Table(title=f"train step, {layers} layers x {hidden} hidden ({kind}), batch {batch}x{seq}, {device}")
+    table = Table(title=f"train step, {layers} layers x {hidden} hidden ({kind}), {targets}, batch {batch}x{seq}, "
+                        f"{device}")
     for col in ("method", "median s/step", "x LoRA time", "peak MB", "x LoRA memory", "adapter params"):
         table.add_column(col, justify="right" if col != "method" else "left", no_wrap=True)
     for r in rows:
