@@ -46,7 +46,7 @@ class StepBench:
         """The adapted shape; the output projection, when adapted, is as wide as the query (transposed)."""
         head_dim = self.hidden // self.heads
         kv = (self.kv_heads or self.heads) * head_dim
-        extra = {"qkv": (), "qkvo": (("output", self.hidden),)}[self.targets]
+        extra = {"qkv": (), "qkvo": (("output", self.heads * head_dim),)}[self.targets]
         return ModelShape(("query", "key", "value", *(p for p, _ in extra)), tuple(range(self.layers)), self.hidden,
                           (self.hidden, kv, kv, *(d for _, d in extra)), head_dim)
 

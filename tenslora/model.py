@@ -199,7 +199,7 @@ class AdaptedModel(nn.Module):
 
 
 class TensLoRAModel(AdaptedModel):
-    """A model whose Q/K/V projections carry TensLoRA updates.
+    """A model whose Q/K/V projections (and O, with ``targets="qkvo"``) carry TensLoRA updates.
 
     ``adapters[name]`` is a :class:`TensorAdapter` (tensor names: ``all``, ``layer_3``, ``query``,
     ``query_layer_3`` depending on the construction). Calling the model opens one adapter pass, so

@@ -329,3 +329,16 @@ def test_tensloraplus_groups_spectra_and_allocation_on_qkvo():
     config = TensLoRAConfig("qkv_depth", ranks=record["ranks_string"], targets="qkvo")
     built = get_adapted_model(llama(), config)
     assert built.adapter_parameters() == record["predicted_parameters"] <= record["budget"]
+
+
+def test_step_bench_targets_qkvo_builds_o_for_every_method():
+    """``tenslora bench step-time --targets qkvo``: the bench's shape is the model's, LoRA adapts O too."""
+    from tenslora.bench import StepBench, _build, typical_ranks
+    bench = StepBench(layers=2, hidden=32, heads=4, kv_heads=2, batch=2, seq=4, rank=4, targets="qkvo")
+    model, count = _build("att_qkv_depth:tucker", bench)
+    assert (model.shape.d_in, model.shape.d_out) == (bench.shape().d_in, bench.shape().d_out) == (32, (32, 16, 16, 32))
+    config = TensLoRAConfig("att_qkv_depth", ranks=typical_ranks("att_qkv_depth", "tucker", bench), targets="qkvo")
+    assert count == predict_adapter_parameters(config, model.shape) > 0
+    lora, lora_count = _build("lora", bench)
+    assert any(n.endswith("o_proj") for n in lora.adapted_modules)
+    assert lora_count == predict_adapter_parameters(TensLoRAConfig("lora", ranks=4), bench.shape())
