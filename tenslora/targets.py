@@ -362,8 +362,8 @@ def find_targets(model: nn.Module, target_modules: Sequence[str] | None = None) 
 
 
 # The attention output projection O (``targets="qkvo"``): a child of the attention site named by
-# :data:`OUTPUT_NAMES`, else, when the site's parent is itself an attention module (BERT, RoBERTa, ViT,
-# DINOv2, DeBERTa, Swin: ``attention.self`` next to ``attention.output.dense``), a child of one of the
+# :data:`OUTPUT_NAMES`, else, when the site's parent is itself an attention module (BERT, RoBERTa,
+# DeBERTa, ELECTRA: ``attention.self`` next to ``attention.output.dense``), a child of one of the
 # parent's :data:`OUTPUT_HOLDERS` or of the parent itself. O joins its site's tensor transposed, so it
 # must read the query width and write the site's input width (docs/constructions.md, "qkvo").
 OUTPUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "o", "out_lin", "Wo", "wo", "proj", "out", "output_proj",

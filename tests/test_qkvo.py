@@ -342,3 +342,39 @@ def test_step_bench_targets_qkvo_builds_o_for_every_method():
     lora, lora_count = _build("lora", bench)
     assert any(n.endswith("o_proj") for n in lora.adapted_modules)
     assert lora_count == predict_adapter_parameters(TensLoRAConfig("lora", ranks=4), bench.shape())
+
+
+def _tiny(kind):
+    import transformers as tf
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=101)
+    return {
+        "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_kv=8, num_heads=4, d_ff=64,
+                                                                 num_layers=2, vocab_size=101)),
+        "bart": lambda: tf.BartModel(tf.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2,
+                                                   encoder_attention_heads=4, decoder_attention_heads=4,
+                                                   encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=101)),
+        "distilbert": lambda: tf.DistilBertModel(tf.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                                     vocab_size=101)),
+        "roberta": lambda: tf.RobertaModel(tf.RobertaConfig(**small)),
+        "deberta": lambda: tf.DebertaV2Model(tf.DebertaV2Config(**small)),
+        "albert": lambda: tf.AlbertModel(tf.AlbertConfig(embedding_size=16, **small)),
+        "gpt_neox": lambda: tf.GPTNeoXModel(tf.GPTNeoXConfig(**small)),
+        "falcon": lambda: tf.FalconModel(tf.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                         vocab_size=101)),
+        "modernbert": lambda: tf.ModernBertModel(tf.ModernBertConfig(pad_token_id=0, **small)),
+        "clip": lambda: tf.CLIPTextModel(tf.CLIPTextConfig(**small)),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind,leaf,sites", [
+    ("t5", "o", 6), ("bart", "out_proj", 6), ("distilbert", "out_lin", 2), ("roberta", "attention.output.dense", 2),
+    ("deberta", "attention.output.dense", 2), ("albert", "attention.dense", 1), ("gpt_neox", "attention.dense", 2),
+    ("falcon", "self_attention.dense", 2), ("modernbert", "Wo", 2), ("clip", "out_proj", 2)])
+def test_output_projection_is_found_across_architectures(kind, leaf, sites):
+    """One O per attention site (self-, cross-attention, a shared ALBERT layer, fused Q/K/V), after its Q/K/V."""
+    targets = select_targets(_tiny(kind), "qkvo")
+    outputs = [t for t in targets if t.transposed]
+    assert len(outputs) == sites and len(targets) == 4 * sites
+    assert all(t.name.endswith("." + leaf) and t.proj_index == 3 for t in outputs)
+    assert [t.transposed for t in targets] == [False, False, False, True] * sites
+    assert len({t.site for t in outputs}) == sites
