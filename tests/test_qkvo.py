@@ -378,3 +378,12 @@ def test_output_projection_is_found_across_architectures(kind, leaf, sites):
     assert all(t.name.endswith("." + leaf) and t.proj_index == 3 for t in outputs)
     assert [t.transposed for t in targets] == [False, False, False, True] * sites
     assert len({t.site for t in outputs}) == sites
+
+
+def test_bench_refuses_unknown_targets_in_one_line():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "tenslora", "bench", "step-time", "--targets", "qkvx"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: unknown --targets 'qkvx'; allowed: qkv, qkvo"
