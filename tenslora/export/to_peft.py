@@ -50,8 +50,8 @@ def lora_tensors(adapted: TensLoRAModel) -> tuple[dict[str, torch.Tensor], list[
         expected = (linear.base_layer.out_features, linear.base_layer.in_features)
         if (lora_b.shape[0], lora_a.shape[1]) != expected:
             raise ValueError(f"adapter slice of {proj!r} in layer {layer} gives a {lora_b.shape[0]} x "
-                             f"{lora_a.shape[1]} update, expected {expected[0]} x {expected[1]}; cannot export this construction on "
-                             "this model")
+                             f"{lora_a.shape[1]} update, expected {expected[0]} x {expected[1]}; cannot export this "
+                             "construction on this model")
         name = paths[id(linear)]
         tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_a.contiguous().clone()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_b.contiguous().clone()
