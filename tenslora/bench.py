@@ -27,7 +27,9 @@ from tenslora.targets import ModelShape
 class StepBench:
     """Model shape and workload: RoBERTa-base by default (12 layers, hidden 768, 12 heads);
     ``kv_heads > 0``: a LLaMA decoder with grouped-query attention (``kv_heads`` key/value heads);
-    ``targets``: the adapted projections for every method, LoRA included (``qkv`` or ``qkvo``)."""
+    ``targets``: the adapted projections for every method, LoRA included (``qkv`` or ``qkvo``);
+    ``clock``: ``wall`` (elapsed time) or ``process`` (this process's CPU time, CPU only: less sensitive to
+    other jobs on a loaded machine)."""
 
     layers: int = 12
     hidden: int = 768
@@ -41,6 +43,7 @@ class StepBench:
     rank: int = 8
     kv_heads: int = 0
     targets: str = "qkv"
+    clock: str = "wall"
 
     def shape(self) -> ModelShape:
         """The adapted shape; the output projection, when adapted, is as wide as the query (transposed)."""
@@ -52,6 +55,7 @@ class StepBench:
 
 
 FACTORIZATIONS = ("tucker", "cp", "tt")
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 def typical_ranks(construction: str, factorization: str, bench: StepBench) -> int | tuple[int, ...]:
@@ -115,17 +119,18 @@ class _Trainee:
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         self.cuda = bench.device.startswith("cuda")
+        self.clock = CLOCKS[bench.clock]
 
     def step(self, ids, labels) -> float:
         if self.cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = self.clock()
         self.model(input_ids=ids, labels=labels).loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return self.clock() - start
 
 
 def peak_memory(method: str, bench: StepBench) -> dict:

@@ -333,12 +333,13 @@ def test_tensloraplus_groups_spectra_and_allocation_on_qkvo():
 
 def test_step_bench_targets_qkvo_builds_o_for_every_method():
     """``tenslora bench step-time --targets qkvo``: the bench's shape is the model's, LoRA adapts O too."""
-    from tenslora.bench import StepBench, _build, typical_ranks
+    from tenslora.bench import StepBench, _batch, _build, _Trainee, typical_ranks
     bench = StepBench(layers=2, hidden=32, heads=4, kv_heads=2, batch=2, seq=4, rank=4, targets="qkvo")
     model, count = _build("att_qkv_depth:tucker", bench)
     assert (model.shape.d_in, model.shape.d_out) == (bench.shape().d_in, bench.shape().d_out) == (32, (32, 16, 16, 32))
     config = TensLoRAConfig("att_qkv_depth", ranks=typical_ranks("att_qkv_depth", "tucker", bench), targets="qkvo")
     assert count == predict_adapter_parameters(config, model.shape) > 0
+    assert _Trainee("lora", StepBench(**{**bench.__dict__, "clock": "process"})).step(*_batch(bench)) > 0
     lora, lora_count = _build("lora", bench)
     assert any(n.endswith("o_proj") for n in lora.adapted_modules)
     assert lora_count == predict_adapter_parameters(TensLoRAConfig("lora", ranks=4), bench.shape())
@@ -387,3 +388,7 @@ def test_bench_refuses_unknown_targets_in_one_line():
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip() == "error: unknown --targets 'qkvx'; allowed: qkv, qkvo"
+    done = subprocess.run([sys.executable, "-m", "tenslora", "bench", "step-time", "--clock", "process",
+                           "--device", "cuda"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: --clock 'process' on cuda; allowed: wall, or process on cpu"

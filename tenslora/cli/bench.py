@@ -24,6 +24,8 @@ def step_time(
     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
     targets: str = typer.Option("qkv", help="Adapted projections for every method, LoRA included: qkv or qkvo "
                                             "(plus the attention output projection)."),
+    clock: str = typer.Option("wall", help="wall (elapsed) or process (CPU time of the timing process; cpu only, "
+                                           "steadier on a loaded machine)."),
     methods: str = typer.Option("", help="Comma-separated subset, e.g. 'lora,qkv_depth:tucker' (default: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a table."),
 ) -> None:
@@ -34,7 +36,10 @@ def step_time(
     from tenslora.bench import StepBench, default_methods, run_all
     if targets not in ("qkv", "qkvo"):
         raise ValueError(f"unknown --targets {targets!r}; allowed: qkv, qkvo")
-    bench = StepBench(layers, hidden, heads, batch, seq, steps, warmup, threads, device, rank, kv_heads, targets)
+    if clock not in ("wall", "process") or (clock == "process" and device != "cpu"):
+        raise ValueError(f"--clock {clock!r} on {device}; allowed: wall, or process on cpu")
+    bench = StepBench(layers, hidden, heads, batch, seq, steps, warmup, threads, device, rank, kv_heads, targets,
+                      clock)
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or default_methods()
     if "lora" not in chosen:
         chosen = ["lora", *chosen]
