@@ -26,7 +26,10 @@ from tenslora.targets import ModelShape
 @dataclass
 class StepBench:
     """Model shape and workload: RoBERTa-base by default (12 layers, hidden 768, 12 heads);
-    ``kv_heads > 0``: a LLaMA decoder with grouped-query attention (``kv_heads`` key/value heads)."""
+    ``kv_heads > 0``: a LLaMA decoder with grouped-query attention (``kv_heads`` key/value heads);
+    ``targets``: the adapted projections for every method, LoRA included (``qkv`` or ``qkvo``);
+    ``clock``: ``wall`` (elapsed time) or ``process`` (this process's CPU time, CPU only: less sensitive to
+    other jobs on a loaded machine)."""
 
     layers: int = 12
     hidden: int = 768
@@ -39,15 +42,20 @@ class StepBench:
     device: str = "cpu"
     rank: int = 8
     kv_heads: int = 0
+    targets: str = "qkv"
+    clock: str = "wall"
 
     def shape(self) -> ModelShape:
+        """The adapted shape; the output projection, when adapted, is as wide as the query (transposed)."""
         head_dim = self.hidden // self.heads
         kv = (self.kv_heads or self.heads) * head_dim
-        return ModelShape(("query", "key", "value"), tuple(range(self.layers)), self.hidden, (self.hidden, kv, kv),
-                          head_dim)
+        extra = {"qkv": (), "qkvo": (("output", self.heads * head_dim),)}[self.targets]
+        return ModelShape(("query", "key", "value", *(p for p, _ in extra)), tuple(range(self.layers)), self.hidden,
+                          (self.hidden, kv, kv, *(d for _, d in extra)), head_dim)
 
 
 FACTORIZATIONS = ("tucker", "cp", "tt")
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 def typical_ranks(construction: str, factorization: str, bench: StepBench) -> int | tuple[int, ...]:
@@ -91,7 +99,8 @@ def _build(method: str, bench: StepBench):
     construction, _, factorization = method.partition(":")
     factorization = factorization or "tucker"
     ranks = bench.rank if construction == "lora" else typical_ranks(construction, factorization, bench)
-    adapted = get_adapted_model(model, TensLoRAConfig(construction, factorization, ranks=ranks))
+    adapted = get_adapted_model(model, TensLoRAConfig(construction, factorization, ranks=ranks,
+                                                      targets=bench.targets))
     return adapted, adapted.adapter_parameters()
 
 
@@ -110,17 +119,18 @@ class _Trainee:
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         self.cuda = bench.device.startswith("cuda")
+        self.clock = CLOCKS[bench.clock]
 
     def step(self, ids, labels) -> float:
         if self.cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = self.clock()
         self.model(input_ids=ids, labels=labels).loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return self.clock() - start
 
 
 def peak_memory(method: str, bench: StepBench) -> dict:

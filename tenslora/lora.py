@@ -11,17 +11,19 @@ from torch import nn
 from tenslora.config import TensLoRAConfig
 from tenslora.io import write_dir_atomic
 from tenslora.model import CONFIG_FILE, AdaptedModel, adapter_generator
-from tenslora.targets import Target, describe_targets, find_head_modules, find_targets, fingerprint, model_shape
+from tenslora.targets import Target, describe_targets, find_head_modules, fingerprint, model_shape, select_targets
 
 
-def lora_target_modules(model: nn.Module, target_modules=None) -> tuple[list[Target], list[str] | None]:
-    """``(targets, peft_names)``: TensLoRA's Q/K/V targets where it finds them (no tensor constraint:
-    any widths, any stacks, fused modules whole), else PEFT's own default target names for the model
-    type (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``); ValueError if neither knows."""
+def lora_target_modules(model: nn.Module, target_modules=None, targets: str = "qkv") \
+        -> tuple[list[Target], list[str] | None]:
+    """``(targets, peft_names)``: TensLoRA's targets of the ``targets`` option where it finds them (no
+    tensor constraint: any widths, any stacks, fused modules whole), else, for ``qkv`` only, PEFT's own
+    default target names for the model type (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``);
+    ValueError if neither knows."""
     try:
-        return find_targets(model, target_modules), None
+        return select_targets(model, targets, target_modules), None
     except ValueError as err:
-        if target_modules:
+        if target_modules or targets != "qkv":
             raise
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -36,17 +38,16 @@ def _module_widths(module: nn.Module) -> tuple[int, ...]:
 
 
 class LoraModel(AdaptedModel):
-    """``peft.get_peft_model`` with a ``LoraConfig`` on TensLoRA's Q/K/V targets, else PEFT's defaults."""
+    """``peft.get_peft_model`` with a ``LoraConfig`` on TensLoRA's targets (Q/K/V, or Q/K/V/O for
+    ``targets="qkvo"``), else PEFT's defaults."""
 
     def __init__(self, model: nn.Module, config: TensLoRAConfig, load_from: str | Path | None = None):
         super().__init__()
         from peft import LoraConfig, PeftModel, get_peft_model
         if config.method != "lora":
             raise ValueError(f"LoraModel takes construction 'lora', not {config.construction!r}")
-        if config.targets != "qkv":  # placeholder until qkvo / all-linear land (issue 16)
-            raise ValueError(f"targets {config.targets!r} are not available yet; allowed: qkv")
         self.adapter_config = config
-        self.targets, peft_names = lora_target_modules(model, config.target_modules)
+        self.targets, peft_names = lora_target_modules(model, config.target_modules, config.targets)
         try:
             self.shape = model_shape(model, self.targets) if self.targets else None
         except ValueError:  # LoRA needs no common tensor shape: widths may differ by stack or stage
@@ -77,7 +78,7 @@ class LoraModel(AdaptedModel):
     def model_fingerprint(cls, model: nn.Module, config: TensLoRAConfig) -> dict:
         """As TensLoRA's where the targets have one tensor shape (the format of earlier LoRA adapters),
         else the model type and every adapted module with its weight's shape."""
-        targets, peft_names = lora_target_modules(model, config.target_modules)
+        targets, peft_names = lora_target_modules(model, config.target_modules, config.targets)
         try:
             return fingerprint(model, model_shape(model, targets))
         except (ValueError, IndexError):

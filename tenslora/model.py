@@ -20,8 +20,8 @@ from tenslora.fused import AdaptedFused
 from tenslora.layer import AdaptedLinear
 from tenslora.layout import column_index, tensor_layout
 from tenslora.params import summary_line
-from tenslora.targets import (FUSED_NAMES, Target, describe_targets, find_head_modules, find_targets, fingerprint,
-                               model_shape)
+from tenslora.targets import (FUSED_NAMES, Target, describe_targets, find_head_modules, fingerprint, model_shape,
+                               select_targets)
 from tenslora.tensor.factorized import FACTORIZATIONS
 
 CONFIG_FILE = "tenslora_config.json"
@@ -188,7 +188,7 @@ class AdaptedModel(nn.Module):
     @classmethod
     def model_fingerprint(cls, model: nn.Module, config: TensLoRAConfig) -> dict:
         """What a saved adapter of this class must match on ``model`` (architecture, adapted shapes)."""
-        return fingerprint(model, model_shape(model, find_targets(model, config.target_modules)))
+        return fingerprint(model, model_shape(model, select_targets(model, config.targets, config.target_modules)))
 
     def shape_fingerprint(self) -> dict:
         return fingerprint(self.base_model, self.shape)
@@ -199,7 +199,7 @@ class AdaptedModel(nn.Module):
 
 
 class TensLoRAModel(AdaptedModel):
-    """A model whose Q/K/V projections carry TensLoRA updates.
+    """A model whose Q/K/V projections (and O, with ``targets="qkvo"``) carry TensLoRA updates.
 
     ``adapters[name]`` is a :class:`TensorAdapter` (tensor names: ``all``, ``layer_3``, ``query``,
     ``query_layer_3`` depending on the construction). Calling the model opens one adapter pass, so
@@ -210,12 +210,10 @@ class TensLoRAModel(AdaptedModel):
         super().__init__()
         if config.method != "tenslora":
             raise ValueError(f"TensLoRAModel takes a tensor construction, not {config.construction!r}")
-        if config.targets != "qkv":  # placeholder until qkvo / all-linear land (issue 16)
-            raise ValueError(f"targets {config.targets!r} are not available yet; allowed: qkv")
         self.base_model = model
         self.adapter_config = config
         construction = get_construction(config.construction)
-        targets = find_targets(model, config.target_modules)
+        targets = select_targets(model, config.targets, config.target_modules)
         self.shape = model_shape(model, targets)
         self.report = describe_targets(targets)
         if self.shape.stacks:
@@ -249,7 +247,7 @@ class TensLoRAModel(AdaptedModel):
                 continue
             parent_name, _, leaf = t.name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            layer = AdaptedLinear(getattr(parent, leaf), adapter, index, config.scaling, config.dropout)
+            layer = AdaptedLinear(getattr(parent, leaf), adapter, index, config.scaling, config.dropout, t.transposed)
             placements.append((parent, leaf, layer))
             self.layers[_layer_key(t)] = layer
         for name, parts in fused.items():

@@ -133,6 +133,13 @@ class Target:
     stack: str = ""
     columns: tuple[int, ...] | None = None
     site: str = ""  # path of the attention module holding the projection
+    transposed: bool = False  # the update enters the tensor transposed (the output projection O)
+
+    @property
+    def tensor_widths(self) -> tuple[int, int]:
+        """``(d_in, d_out)`` of the projection's slice of its tensor: the module's widths, swapped when
+        ``transposed`` (O's slice is ``(d_model, heads * head_dim)``, like Q's)."""
+        return (self.out_features, self.in_features) if self.transposed else (self.in_features, self.out_features)
 
 
 @dataclass(frozen=True)
@@ -449,6 +456,94 @@ def find_targets(model: nn.Module, target_modules: Sequence[str] | None = None) 
     return targets
 
 
+# The attention output projection O (``targets="qkvo"``): a child of the attention site named by
+# :data:`OUTPUT_NAMES`, else, when the site's parent is itself an attention module (BERT, RoBERTa,
+# DeBERTa, ELECTRA: ``attention.self`` next to ``attention.output.dense``), a child of one of the
+# parent's :data:`OUTPUT_HOLDERS` or of the parent itself. O joins its site's tensor transposed, so it
+# must read the query width and write the site's input width (docs/constructions.md, "qkvo").
+OUTPUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "o", "out_lin", "Wo", "wo", "proj", "out", "output_proj",
+                "o_lin", "out_dense")
+OUTPUT_HOLDERS = ("output", "self_output", "attention_output")
+
+
+def _output_projection(model: nn.Module, site: str, names: Sequence[str]) -> tuple[str, nn.Module] | None:
+    """``(path, module)`` of the output projection of the attention site at ``site``, else None."""
+    def child(path: str, module: nn.Module):
+        for leaf in names:
+            found = _linear_child(module, leaf)
+            if found:
+                return (f"{path}.{found[0]}" if path else found[0]), found[1]
+        return None
+
+    found = child(site, model.get_submodule(site))
+    if found or not site:
+        return found
+    parent_path = site.rpartition(".")[0]
+    parent = model.get_submodule(parent_path)
+    if not _ATTENTION_CLASS.search(type(parent).__name__):
+        return None
+    for holder in OUTPUT_HOLDERS:
+        module = getattr(parent, holder, None)
+        if isinstance(module, nn.Module) and not _widths(module):
+            found = child(f"{parent_path}.{holder}" if parent_path else holder, module)
+            if found:
+                return found
+    return child(parent_path, parent)
+
+
+def with_output_projections(model: nn.Module, targets: Sequence[Target], leaf: str | None = None) -> list[Target]:
+    """``targets`` (Q/K/V) plus each site's output projection O right after its Q/K/V, as a transposed
+    projection (``proj``: its leaf name; ``proj_index`` 3). ``leaf``: O's leaf name (default: the synonym
+    table). ValueError, one line, where a site has no O or an O whose widths do not fit the tensor
+    (``in == Q's width``, ``out ==`` the site's input width)."""
+    names = (leaf,) if leaf else OUTPUT_NAMES
+    out: list[Target] = []
+    claimed: dict[str, str] = {}
+    sites = list(dict.fromkeys(t.site for t in targets))
+    for i, site in enumerate(sites):
+        own = [t for t in targets if t.site == site]
+        query = next(t for t in own if t.proj_index == 0)
+        found = _output_projection(model, site, names)
+        if found is None:
+            raise ValueError(f"targets 'qkvo': no output projection found for the attention module {site!r} "
+                             f"(names tried: {', '.join(names)}); use targets 'qkv'")
+        path, module = found
+        o_in, o_out = _widths(module)
+        if (o_in, o_out) != (query.out_features, query.in_features):
+            raise ValueError(f"targets 'qkvo': output projection {path!r} maps {o_in} -> {o_out}, but joins the tensor "
+                             f"only if it maps the query width {query.out_features} -> the model width "
+                             f"{query.in_features}; use targets 'qkv'")
+        if path in claimed:
+            raise ValueError(f"targets 'qkvo': output projection {path!r} would serve both {claimed[path]!r} and "
+                             f"{site!r}; use targets 'qkv'")
+        claimed[path] = site
+        out += own + [Target(path, path.rsplit(".", 1)[-1], len(own), query.layer, query.layer_index, o_in, o_out,
+                             query.stack, None, site, transposed=True)]
+    return out
+
+
+def _qkvo_targets(model: nn.Module, target_modules: Sequence[str] | None) -> list[Target]:
+    """``target_modules``: Q, K, V leaf names, optionally O's as a fourth."""
+    names = tuple(target_modules or ())
+    if names and len(names) not in (3, 4):
+        raise ValueError(f"target_modules {names} for targets 'qkvo' must name Q, K, V and optionally O")
+    return with_output_projections(model, find_targets(model, names[:3] or None), names[3] if len(names) == 4 else None)
+
+
+# targets option (``TensLoRAConfig.targets``) -> (model, target_modules) -> the projections to adapt
+TARGET_FINDERS: dict[str, Callable[[nn.Module, Sequence[str] | None], list[Target]]] = {
+    "qkv": find_targets,
+    "qkvo": _qkvo_targets,
+}
+
+
+def select_targets(model: nn.Module, targets: str = "qkv", target_modules: Sequence[str] | None = None) -> list[Target]:
+    """The projections that the ``targets`` option names (``qkv``, ``qkvo``) in ``model``."""
+    if targets not in TARGET_FINDERS:
+        raise ValueError(f"targets {targets!r} are not available yet; allowed: {', '.join(TARGET_FINDERS)}")
+    return TARGET_FINDERS[targets](model, target_modules)
+
+
 def describe_targets(targets: Sequence[Target]) -> str:
     """One line per stack: projections, layers, widths (what an adapter built on ``targets`` adapts)."""
     lines = []
@@ -468,12 +563,12 @@ def _stack_shape(model: nn.Module, targets: Sequence[Target]) -> ModelShape:
     grid = {(t.proj_index, t.layer_index) for t in targets}
     if len(grid) != len(projections) * len(layers) or len(targets) != len(grid):
         raise ValueError(f"the adapted projections {projections} are not present once in every layer {layers}")
-    d_in = {t.in_features for t in targets}
+    d_in = {t.tensor_widths[0] for t in targets}
     if len(d_in) != 1:
         raise ValueError(f"adapted projections have different input widths {sorted(d_in)}")
     d_out = []
     for p in projections:
-        widths = {t.out_features for t in targets if t.proj == p}
+        widths = {t.tensor_widths[1] for t in targets if t.proj == p}
         if len(widths) != 1:
             raise ValueError(f"projection {p!r} has different widths across layers: {sorted(widths)}")
         d_out.append(widths.pop())

@@ -23,6 +23,10 @@ def step_time(
     rank: int = typer.Option(8, help="LoRA rank and typical TensLoRA rank."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+    targets: str = typer.Option("qkv", help="Adapted projections for every method, LoRA included: qkv or qkvo "
+                                            "(plus the attention output projection)."),
+    clock: str = typer.Option("wall", help="wall (elapsed) or process (CPU time of the timing process; cpu only, "
+                                           "steadier on a loaded machine)."),
     methods: str = typer.Option("", help="Comma-separated subset, e.g. 'lora,qkv_depth:tucker' (default: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a table."),
 ) -> None:
@@ -31,7 +35,12 @@ def step_time(
     from rich.table import Table
 
     from tenslora.bench import StepBench, default_methods, run_all
-    bench = StepBench(layers, hidden, heads, batch, seq, steps, warmup, threads, device, rank, kv_heads)
+    if targets not in ("qkv", "qkvo"):
+        raise ValueError(f"unknown --targets {targets!r}; allowed: qkv, qkvo")
+    if clock not in ("wall", "process") or (clock == "process" and device != "cpu"):
+        raise ValueError(f"--clock {clock!r} on {device}; allowed: wall, or process on cpu")
+    bench = StepBench(layers, hidden, heads, batch, seq, steps, warmup, threads, device, rank, kv_heads, targets,
+                      clock)
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or default_methods()
     if "lora" not in chosen:
         chosen = ["lora", *chosen]
@@ -43,7 +52,8 @@ def step_time(
         print(json.dumps({"bench": bench.__dict__, "rows": rows}, indent=2))
         return
     kind = f"LLaMA, {heads} query / {kv_heads} kv heads" if kv_heads else f"RoBERTa, {heads} heads"
-    table = Table(title=f"train step, {layers} layers x {hidden} hidden ({kind}), batch {batch}x{seq}, {device}")
+    table = Table(title=f"train step, {layers} layers x {hidden} hidden ({kind}), {targets}, batch {batch}x{seq}, "
+                        f"{device}")
     for col in ("method", "median s/step", "x LoRA time", "peak MB", "x LoRA memory", "adapter params"):
         table.add_column(col, justify="right" if col != "method" else "left", no_wrap=True)
     for r in rows:

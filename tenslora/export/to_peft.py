@@ -3,7 +3,9 @@
 For projection ``p``, :class:`~tenslora.layer.AdaptedLinear` adds ``scaling * x @ A @ B_p`` with
 ``A: (d_in, r)`` the shared input factor and ``B_p: (r, d_out_p)``. PEFT adds
 ``(alpha / r) * x @ lora_A.T @ lora_B.T``, so ``lora_A.weight = A.T (r, d_in)``,
-``lora_B.weight = (scaling * B_p).T (d_out_p, r)`` and ``lora_alpha = r`` (PEFT scaling 1). The task
+``lora_B.weight = (scaling * B_p).T (d_out_p, r)`` and ``lora_alpha = r`` (PEFT scaling 1); a transposed
+projection (the output projection O, update ``(A B_p)^T``) gets ``lora_A.weight = B_p``,
+``lora_B.weight = scaling * A``. The task
 head is saved as PEFT saves ``modules_to_save``: ``base_model.model.<path>.<param>``.
 """
 from __future__ import annotations
@@ -33,19 +35,26 @@ def lora_tensors(adapted: TensLoRAModel) -> tuple[dict[str, torch.Tensor], list[
     """``{key: tensor}`` in PEFT's file naming, the adapted module paths and the LoRA rank."""
     paths = {id(m): name for name, m in adapted.base_model.named_modules()}
     tensors, names, ranks = {}, [], set()
-    for (layer, proj), linear in sorted(adapted.layers.items()):
+    layers = sorted(adapted.layers.items())
+    for (layer, proj), linear in layers:
         if not isinstance(linear, AdaptedLinear):
             raise ValueError(f"{proj!r} of layer {layer} is part of a fused Q/K/V module "
                              f"({type(linear.base_layer).__name__}); --format peft does not export fused modules "
                              "yet: use --format merged")
+    for (layer, proj), linear in layers:
         a, b = linear.adapter.pair(linear.batch_index)  # (d_in, r), (r, d_out_p)
-        out_features = linear.base_layer.out_features
-        if tuple(b.shape) != (a.shape[1], out_features):
-            raise ValueError(f"adapter slice of {proj!r} in layer {layer} has shape {tuple(b.shape)}, expected "
-                             f"({a.shape[1]}, {out_features}); cannot export this construction on this model")
+        if linear.transposed:  # update (A B)^T: PEFT's A is B (r, module in), its B is A (module out, r)
+            lora_a, lora_b = b, linear.scaling * a
+        else:
+            lora_a, lora_b = a.T, (linear.scaling * b).T
+        expected = (linear.base_layer.out_features, linear.base_layer.in_features)
+        if (lora_b.shape[0], lora_a.shape[1]) != expected:
+            raise ValueError(f"adapter slice of {proj!r} in layer {layer} gives a {lora_b.shape[0]} x "
+                             f"{lora_a.shape[1]} update, expected {expected[0]} x {expected[1]}; cannot export this "
+                             "construction on this model")
         name = paths[id(linear)]
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.T.contiguous().clone()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = (linear.scaling * b).T.contiguous().clone()
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_a.contiguous().clone()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_b.contiguous().clone()
         names.append(name)
         ranks.add(a.shape[1])
     (rank,) = ranks

@@ -32,12 +32,17 @@ def adapter_tensors(adapted) -> dict:
     return {name: adapter.tensor for name, adapter in adapted.adapters.items()}
 
 
-def lora_factors(adapted) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """``{(layer, proj): (A (r, d_in), B (d_out, r))}`` of a LoRA model, in (layer, projection) order."""
+def lora_factors(adapted, oriented: bool = True) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """``{(layer, proj): (A (r, d_in), B (d_out, r))}`` of a LoRA model, in (layer, projection) order, in
+    the tensor's orientation: a transposed target (the output projection O) gives ``(lora_B.T, lora_A.T)``.
+    ``oriented=False``: the (input-mode, output-mode) parameters themselves (for O ``(lora_B, lora_A)``)."""
     out = {}
     for t in adapted.targets:
         layer = adapted.lora_layer(t.layer, t.proj)
-        out[(t.layer, t.proj)] = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        if t.transposed:
+            a, b = (b.T, a.T) if oriented else (b, a)
+        out[(t.layer, t.proj)] = (a, b)
     return out
 
 
@@ -86,7 +91,7 @@ def mode_spectra(adapted, per_tensor: bool = False) -> dict[str, dict[str, torch
 def gradient_norms(adapted, per_tensor: bool = False) -> dict[str, dict[str, float]]:
     """``{tensor: {mode or "core": grad norm}}``; read after ``backward`` (and after AMP unscaling)."""
     if is_lora(adapted):
-        factors = lora_factors(adapted)
+        factors = lora_factors(adapted, oriented=False)
         out = {AGGREGATE: {"input": spectra.grad_norm([a for a, _ in factors.values()]),
                            "output": spectra.grad_norm([b for _, b in factors.values()])}}
         if per_tensor:

@@ -48,10 +48,10 @@ def image_size(cfg) -> int | None:
 def cap_single_rank(model, config):
     """``config`` with a single rank capped for ``model`` (:func:`tenslora.layout.capped_config`)."""
     from tenslora.layout import capped_config
-    from tenslora.targets import find_targets, model_shape
+    from tenslora.targets import model_shape, select_targets
     if config.method != "tenslora" or not isinstance(config.ranks, int):
         return config
-    return capped_config(config, model_shape(model, find_targets(model, config.target_modules)))
+    return capped_config(config, model_shape(model, select_targets(model, config.targets, config.target_modules)))
 
 
 def build_run(cfg, data: PreparedData | None = None, *, kind: str | None = None, label_names=None,
