@@ -12,11 +12,15 @@ class AdaptedLinear(nn.Module):
 
     The adapter is shared by several projections, so it is held by reference and registered only
     once, on the model. ``merge()`` adds ``scaling * (A @ B).T`` to the base weight.
+    ``transposed``: the update is ``(A B)^T`` (``A: (d_out, r)``, ``B: (r, d_in)``): the forward adds
+    ``scaling * dropout(x) @ B^T @ A^T`` and ``merge()`` adds ``scaling * A @ B`` (e.g. an MLP's down
+    projection, whose update enters its tensor transposed; docs/constructions.md).
     """
 
     def __init__(self, base_layer: nn.Linear, adapter: TensorAdapter, batch_index: tuple[int, ...],
-                 scaling: float, dropout: float):
+                 scaling: float, dropout: float, transposed: bool = False):
         super().__init__()
+        self.transposed = transposed
         self.base_layer = base_layer
         self._adapter = [adapter]  # a list: not a registered submodule
         self.batch_index = batch_index
@@ -32,13 +36,15 @@ class AdaptedLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The dense update in ``nn.Linear`` layout: ``(d_out, d_in)``."""
         a, b = self.adapter.pair(self.batch_index)
-        return self.scaling * (a @ b).T
+        return self.scaling * (a @ b if self.transposed else (a @ b).T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.merged or self.disabled:
             return out
         a, b = self.adapter.pair(self.batch_index)
+        if self.transposed:
+            a, b = b.T, a.T
         update = (self.dropout(x).to(a.dtype) @ a) @ b
         return out + (self.scaling * update).to(out.dtype)
 
@@ -62,4 +68,5 @@ class AdaptedLinear(nn.Module):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"batch_index={self.batch_index}, scaling={self.scaling:g}, merged={self.merged}"
+        return (f"batch_index={self.batch_index}, scaling={self.scaling:g}, merged={self.merged}"
+                + (", transposed=True" if self.transposed else ""))

@@ -19,6 +19,7 @@ from tenslora.io import write_dir_atomic
 from tenslora.fused import AdaptedFused
 from tenslora.layer import AdaptedLinear
 from tenslora.layout import column_index, tensor_layout
+from tenslora.mlp import MlpTargets, build_mlp, find_mlp_targets
 from tenslora.params import summary_line
 from tenslora.targets import (FUSED_NAMES, Target, describe_targets, find_head_modules, find_targets, fingerprint,
                                model_shape)
@@ -198,6 +199,14 @@ class AdaptedModel(nn.Module):
                 "model": self.shape_fingerprint(), "head_modules": list(self.head_modules)}
 
 
+def _mlp_targets(model: nn.Module, config: TensLoRAConfig, targets: list[Target]) -> MlpTargets | None:
+    return find_mlp_targets(model, targets) if config.targets == "all-linear" else None
+
+
+def _with_mlp(record: dict, mlp: MlpTargets | None) -> dict:
+    return record if mlp is None else {**record, "mlp": mlp.record()}
+
+
 class TensLoRAModel(AdaptedModel):
     """A model whose Q/K/V projections carry TensLoRA updates.
 
@@ -210,14 +219,15 @@ class TensLoRAModel(AdaptedModel):
         super().__init__()
         if config.method != "tenslora":
             raise ValueError(f"TensLoRAModel takes a tensor construction, not {config.construction!r}")
-        if config.targets != "qkv":  # placeholder until qkvo / all-linear land (issue 16)
-            raise ValueError(f"targets {config.targets!r} are not available yet; allowed: qkv")
+        if config.targets == "qkvo":  # placeholder until qkvo lands (issue 16)
+            raise ValueError(f"targets {config.targets!r} are not available yet; allowed: qkv, all-linear")
         self.base_model = model
         self.adapter_config = config
         construction = get_construction(config.construction)
         targets = find_targets(model, config.target_modules)
         self.shape = model_shape(model, targets)
-        self.report = describe_targets(targets)
+        self.mlp = _mlp_targets(model, config, targets)
+        self.report = describe_targets(targets + list(self.mlp.targets if self.mlp else ()))
         if self.shape.stacks:
             warnings.warn(f"{type(model).__name__}: {len(self.shape.stacks)} attention stacks, each with its own "
                           f"tensors:\n{self.report}", stacklevel=3)
@@ -260,6 +270,12 @@ class TensLoRAModel(AdaptedModel):
             placements.append((parent, leaf, layer))
             for t, _, _ in parts:
                 self.layers[_layer_key(t)] = layer
+        if self.mlp is not None:  # the MLP's own tensors (targets all-linear; tenslora/mlp.py)
+            mlp_adapters, mlp_layers = build_mlp(model, config, self.mlp, device, adapter_generator)
+            self.adapters.update(mlp_adapters)
+            for t, parent, leaf, layer in mlp_layers:
+                placements.append((parent, leaf, layer))
+                self.layers[_layer_key(t)] = layer
         for p in model.parameters():
             p.requires_grad_(False)
         for parent, leaf, layer in placements:
@@ -291,6 +307,15 @@ class TensLoRAModel(AdaptedModel):
     # analysis -----------------------------------------------------------------------------
     def adapter_parameters(self) -> int:
         return sum(p.numel() for p in self.adapters.parameters())
+
+    @classmethod
+    def model_fingerprint(cls, model: nn.Module, config: TensLoRAConfig) -> dict:
+        """As :meth:`AdaptedModel.model_fingerprint`, plus ``mlp`` (the MLP members) with targets all-linear."""
+        targets = find_targets(model, config.target_modules)
+        return _with_mlp(fingerprint(model, model_shape(model, targets)), _mlp_targets(model, config, targets))
+
+    def shape_fingerprint(self) -> dict:
+        return _with_mlp(fingerprint(self.base_model, self.shape), self.mlp)
 
     def layer(self, layer, proj: str) -> AdaptedLinear | AdaptedFused:
         """The module adapting ``proj`` of ``layer`` (with several stacks, ``layer`` is ``(stack, layer)``)."""
