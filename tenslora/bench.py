@@ -26,7 +26,8 @@ from tenslora.targets import ModelShape
 @dataclass
 class StepBench:
     """Model shape and workload: RoBERTa-base by default (12 layers, hidden 768, 12 heads);
-    ``kv_heads > 0``: a LLaMA decoder with grouped-query attention (``kv_heads`` key/value heads)."""
+    ``kv_heads > 0``: a LLaMA decoder with grouped-query attention (``kv_heads`` key/value heads);
+    ``targets``: what every method adapts, LoRA included (``all-linear``: LoRA takes PEFT's all-linear)."""
 
     layers: int = 12
     hidden: int = 768
@@ -39,6 +40,7 @@ class StepBench:
     device: str = "cpu"
     rank: int = 8
     kv_heads: int = 0
+    targets: str = "qkv"
 
     def shape(self) -> ModelShape:
         head_dim = self.hidden // self.heads
@@ -91,7 +93,8 @@ def _build(method: str, bench: StepBench):
     construction, _, factorization = method.partition(":")
     factorization = factorization or "tucker"
     ranks = bench.rank if construction == "lora" else typical_ranks(construction, factorization, bench)
-    adapted = get_adapted_model(model, TensLoRAConfig(construction, factorization, ranks=ranks))
+    adapted = get_adapted_model(model, TensLoRAConfig(construction, factorization, ranks=ranks,
+                                                      targets=bench.targets))
     return adapted, adapted.adapter_parameters()
 
 
