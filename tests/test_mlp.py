@@ -266,3 +266,43 @@ def test_heads_flag_does_not_apply_to_the_mlp():
     assert set(mlp) == {f"mlp__{m}_layer_{l}" for m in ("gate_proj", "up_proj", "down_proj") for l in (0, 1)}
     assert set(mlp.values()) == {("input", "output")}
     assert adapted.adapters["q_proj_layer_0"].tensor.mode_names == ("input", "head_dim", "heads")
+
+
+@pytest.mark.parametrize("factorization", ["tucker", "cp", "tt"])
+def test_tensloraplus_groups_and_spectra_cover_the_mlp(factorization):
+    from tenslora.plus.metrics import AGGREGATE, MLP_AGGREGATE, adapter_metrics, mode_spectra
+    from tenslora.plus.optim import build_param_groups
+    adapted = adapted_model("llama_gqa", "att_qkv_depth", factorization)
+    groups = build_param_groups(adapted, lr=1e-3, mode_lr={"output": 2.0, "heads": 0.5})
+    by_name = {g["name"]: g for g in groups}
+    role = "core" if factorization == "tt" else "factor"
+    assert "other" not in by_name  # every MLP parameter sits in a mode group
+    assert by_name[f"{role}:output"]["lr"] == pytest.approx(2e-3)
+    mlp = adapted.adapters["mlp__all"].tensor
+    for mode in ("output", "input"):
+        assert any(p is mlp.mode_parameters()[mode] for p in by_name[f"{role}:{mode}"]["params"])
+    with pytest.raises(ValueError, match="lacks"):
+        build_param_groups(adapted, lr=1e-3, mode_lr={"experts": 2.0})
+    spectra = mode_spectra(adapted)
+    assert set(spectra) == {AGGREGATE, MLP_AGGREGATE}
+    assert set(spectra[AGGREGATE]) == {"input", "head_dim", "heads", "qkv", "layers"}
+    assert set(spectra[MLP_AGGREGATE]) == {"input", "output", "qkv", "layers"}
+    full = adapted.folded_tensor("mlp__all").detach().double()
+    for axis, mode in enumerate(mlp.mode_names):  # exact against the reconstruction's unfoldings
+        expected = torch.linalg.svdvals(full.movedim(axis, 0).reshape(full.shape[axis], -1))
+        got = spectra[MLP_AGGREGATE][mode]
+        assert torch.allclose(got[:len(expected)], expected[:len(got)], atol=1e-8 * float(expected[0]) + 1e-10)
+    metrics = adapter_metrics(adapted, grads=False)
+    assert "effective_rank" in metrics[MLP_AGGREGATE]["output"]
+
+
+def test_bench_builds_all_linear_for_every_method():
+    """``StepBench(targets="all-linear")``: TensLoRA gets its MLP tensors, LoRA PEFT's all-linear modules."""
+    from tenslora.bench import StepBench, _build
+    bench = StepBench(layers=2, hidden=32, heads=4, kv_heads=2, targets="all-linear")
+    with _quiet():
+        adapted, count = _build("qkv_depth:tucker", bench)
+        lora, _ = _build("lora", bench)
+    assert count == adapted.adapter_parameters() and set(adapted.adapters) == {"all", "mlp__all"}
+    assert {n.rsplit(".", 1)[-1] for n in lora.adapted_modules} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj"}
