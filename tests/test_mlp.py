@@ -306,3 +306,10 @@ def test_bench_builds_all_linear_for_every_method():
     assert count == adapted.adapter_parameters() and set(adapted.adapters) == {"all", "mlp__all"}
     assert {n.rsplit(".", 1)[-1] for n in lora.adapted_modules} == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                                      "gate_proj", "up_proj", "down_proj"}
+
+
+def test_repro_mode_spectra_of_a_saved_all_linear_adapter_read_the_attention_tensors(tmp_path):
+    from tenslora.repro.modes import saved_mode_metrics, saved_tensors
+    adapted_model("bert", "qkv_depth", "tucker").save_adapter(tmp_path / "a")
+    assert set(saved_tensors(tmp_path / "a")) == {"all"}
+    assert set(saved_mode_metrics(tmp_path / "a")) == {"input", "output", "qkv", "layers"}
