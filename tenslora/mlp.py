@@ -150,17 +150,16 @@ def find_mlp_targets(model: nn.Module, targets: Sequence[Target]) -> MlpTargets:
         if t.proj_index == 0:
             by_stack.setdefault(t.stack, []).append(t)
     claimed: set[str] = set()
-    found: dict[str, list] = {}  # attention stack -> [(layer id, position, layer path, members, d_ff)]
+    found: dict[str, list] = {}  # attention stack -> [(layer id, layer path, members, d_ff, d_model)]
     for stack, firsts in by_stack.items():
         same = [t.site for t in firsts]
         rows = []
         for t in firsts:
             path, members = _layer_mlp(model, t.site, same, t.in_features, sites)
-            if path is None or path in claimed:
+            if path is None or path in claimed:  # none, or already another stack's (a decoder's cross-attention)
                 continue
             claimed.add(path)
-            ordered, d_ff = _check_members(path, members)
-            rows.append((t.layer, path, ordered, d_ff, t.in_features))
+            rows.append((t.layer, path, *_check_members(path, members), t.in_features))
         if rows and len(rows) != len(firsts):
             missing = [t.site for t in firsts if not any(_contains(r[1], t.site) for r in rows)]
             raise ValueError(f"targets 'all-linear': {len(missing)} of {len(firsts)} layers have no MLP linear modules "
@@ -173,15 +172,13 @@ def find_mlp_targets(model: nn.Module, targets: Sequence[Target]) -> MlpTargets:
     out, shapes, transposed = [], [], set()
     for stack, rows in found.items():
         name = PREFIX if len(found) == 1 else f"{PREFIX}_{stack}"
-        first_layer, first_path, first, d_ff, d_model = rows[0]
-        signature = [(rel, kind, d_in, d_out) for rel, kind, d_in, d_out in first]
+        _, first_path, first, d_ff, d_model = rows[0]
         members = _member_names([rel for rel, *_ in first])
-        for layer, path, ordered, _, _ in rows:
-            if ordered != signature:
+        for position, (layer, path, ordered, _, _) in enumerate(rows):
+            if ordered != first:
                 raise ValueError(f"targets 'all-linear': the MLP of layer {path!r} has members "
                                  f"{[(r, f'{i}->{o}') for r, _, i, o in ordered]}, layer {first_path!r} has "
-                                 f"{[(r, f'{i}->{o}') for r, _, i, o in signature]}; every layer needs the same members")
-        for position, (layer, path, ordered, _, _) in enumerate(rows):
+                                 f"{[(r, f'{i}->{o}') for r, _, i, o in first]}; every layer needs the same members")
             for index, ((rel, kind, _, _), member) in enumerate(zip(ordered, members)):
                 out.append(Target(f"{path}.{rel}" if path else rel, member, index, layer, position, d_model, d_ff,
                                   name, None, path))

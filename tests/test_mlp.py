@@ -313,3 +313,26 @@ def test_repro_mode_spectra_of_a_saved_all_linear_adapter_read_the_attention_ten
     adapted_model("bert", "qkv_depth", "tucker").save_adapter(tmp_path / "a")
     assert set(saved_tensors(tmp_path / "a")) == {"all"}
     assert set(saved_mode_metrics(tmp_path / "a")) == {"input", "output", "qkv", "layers"}
+
+
+def test_encoder_decoder_mlps_are_stacks_of_their_own():
+    """T5: the encoder's and the decoder's MLPs (``wi``/``wo``) get their own tensors (the decoder block's MLP
+    once, though its self- and cross-attention are two stacks); T5's MLP reads ``wo.weight`` (delegated)."""
+    from transformers import T5Config, T5Model
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = T5Model(T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
+                                 vocab_size=101)).eval()
+    with _quiet():
+        adapted = get_adapted_model(model, TensLoRAConfig("qkv_depth", "cp", ranks=3, targets="all-linear"))
+    mlp = sorted(k for k in adapted.adapters if k.startswith("mlp"))
+    assert mlp == ["mlp_decoder_block_layer_SelfAttention__all", "mlp_encoder_block_layer_SelfAttention__all"]
+    assert {t.name for t in adapted.mlp.targets} == {f"{side}.block.{b}.layer.{layer}.DenseReluDense.{m}"
+                                                    for side, layer in (("encoder", 1), ("decoder", 2))
+                                                    for b in (0, 1) for m in ("wi", "wo")}
+    with torch.no_grad():
+        for p in adapted.adapters.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(p.numel()))
+        out = adapted(input_ids=IDS, decoder_input_ids=IDS).last_hidden_state
+        adapted.merge()
+        assert torch.allclose(adapted(input_ids=IDS, decoder_input_ids=IDS).last_hidden_state, out, atol=1e-4)
