@@ -53,6 +53,12 @@ class MlpTargets:
     shape: ModelShape
     transposed: frozenset[str]
 
+    def describe(self) -> str:
+        """One line per stack, as :func:`tenslora.targets.describe_targets` (down-kind members marked)."""
+        return "\n".join(f"{stack}: {len(s.layers)} layers x "
+                         + ", ".join(p + (" (transposed)" if p in self.transposed else "") for p in s.projections)
+                         + f"; d_model {s.d_in} -> d_ff {s.d_out[0]}" for stack, s in self.shape.by_stack().items())
+
     def record(self) -> dict:
         """What a saved adapter must match (``fingerprint()['mlp']``)."""
         return {stack: {"members": list(s.projections), "layers": list(s.layers), "d_model": s.d_in,

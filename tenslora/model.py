@@ -227,7 +227,7 @@ class TensLoRAModel(AdaptedModel):
         targets = find_targets(model, config.target_modules)
         self.shape = model_shape(model, targets)
         self.mlp = _mlp_targets(model, config, targets)
-        self.report = describe_targets(targets + list(self.mlp.targets if self.mlp else ()))
+        self.report = describe_targets(targets) + (f"\n{self.mlp.describe()}" if self.mlp else "")
         if self.shape.stacks:
             warnings.warn(f"{type(model).__name__}: {len(self.shape.stacks)} attention stacks, each with its own "
                           f"tensors:\n{self.report}", stacklevel=3)

@@ -336,3 +336,9 @@ def test_encoder_decoder_mlps_are_stacks_of_their_own():
         out = adapted(input_ids=IDS, decoder_input_ids=IDS).last_hidden_state
         adapted.merge()
         assert torch.allclose(adapted(input_ids=IDS, decoder_input_ids=IDS).last_hidden_state, out, atol=1e-4)
+
+
+def test_report_names_the_mlp_members():
+    adapted = adapted_model("llama_gqa", "qkv_depth", "tucker")
+    assert adapted.report.splitlines()[-1] == \
+        "mlp: 2 layers x gate_proj, up_proj, down_proj (transposed); d_model 32 -> d_ff 64"
