@@ -342,3 +342,23 @@ def test_report_names_the_mlp_members():
     adapted = adapted_model("llama_gqa", "qkv_depth", "tucker")
     assert adapted.report.splitlines()[-1] == \
         "mlp: 2 layers x gate_proj, up_proj, down_proj (transposed); d_model 32 -> d_ff 64"
+
+
+def test_lora_all_linear_save_load_round_trip(tmp_path):
+    with _quiet():
+        adapted = get_adapted_model(tiny_llama_gqa(), TensLoRAConfig("lora", ranks=4, targets="all-linear"))
+    with torch.no_grad():
+        for name, p in adapted.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=torch.Generator().manual_seed(p.numel()))
+        out = adapted(input_ids=IDS).logits
+    adapted.save_adapter(tmp_path / "a")
+    record = json.loads((tmp_path / "a" / "tenslora_config.json").read_text())
+    assert "model.layers.1.mlp.down_proj" in record["model"]["modules"]
+    with _quiet():
+        loaded = load_adapted_model(tiny_llama_gqa(), tmp_path / "a")
+    assert set(loaded.adapted_modules) == set(adapted.adapted_modules)
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=IDS).logits, out, atol=1e-5)
+    widths = [adapted.base_model.get_submodule(n).base_layer.weight.shape for n in adapted.adapted_modules]
+    assert adapted.adapter_parameters() == sum(4 * (i + o) for o, i in widths)
