@@ -3,29 +3,29 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from tenslora.adapter import TensorAdapter
 
 
 class AdaptedLinear(nn.Module):
-    """``y = base(x) + scaling * dropout(x) @ A @ B`` with ``(A, B)`` from a :class:`TensorAdapter`.
+    """``y = base(x) + scaling * dropout(x) @ A @ B`` with ``(A, B)`` from a :class:`TensorAdapter`
+    (``A: (d_in, r)``, ``B: (r, d_out)``); ``transposed``: the update is ``(A @ B).T``, so
+    ``y = base(x) + scaling * dropout(x) @ B.T @ A.T`` (the module reads ``d_out`` and writes ``d_in``).
 
     The adapter is shared by several projections, so it is held by reference and registered only
-    once, on the model. ``merge()`` adds ``scaling * (A @ B).T`` to the base weight.
-    ``transposed``: the update is ``(A B)^T`` (``A: (d_out, r)``, ``B: (r, d_in)``): the forward adds
-    ``scaling * dropout(x) @ B^T @ A^T`` and ``merge()`` adds ``scaling * A @ B`` (e.g. an MLP's down
-    projection, whose update enters its tensor transposed; docs/constructions.md).
+    once, on the model. ``merge()`` adds ``delta_weight()`` to the base weight.
     """
 
     def __init__(self, base_layer: nn.Linear, adapter: TensorAdapter, batch_index: tuple[int, ...],
                  scaling: float, dropout: float, transposed: bool = False):
         super().__init__()
-        self.transposed = transposed
         self.base_layer = base_layer
         self._adapter = [adapter]  # a list: not a registered submodule
         self.batch_index = batch_index
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.transposed = transposed
         self.merged = False
         self.disabled = False
 
@@ -45,16 +45,19 @@ class AdaptedLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The dense update in ``nn.Linear`` layout: ``(d_out, d_in)``."""
         a, b = self.adapter.pair(self.batch_index)
-        return self.scaling * (a @ b if self.transposed else (a @ b).T)
+        product = a @ b
+        return self.scaling * (product if self.transposed else product.T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.merged or self.disabled:
             return out
         a, b = self.adapter.pair(self.batch_index)
-        if self.transposed:
-            a, b = b.T, a.T
-        update = (self.dropout(x).to(a.dtype) @ a) @ b
+        h = self.dropout(x).to(a.dtype)
+        if self.transposed:  # x @ B.T @ A.T, as two linear maps (no transposed copies)
+            update = F.linear(F.linear(h, b), a)
+        else:
+            update = (h @ a) @ b
         return out + (self.scaling * update).to(out.dtype)
 
     def _weight_delta(self) -> torch.Tensor:
@@ -77,5 +80,5 @@ class AdaptedLinear(nn.Module):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return (f"batch_index={self.batch_index}, scaling={self.scaling:g}, merged={self.merged}"
-                + (", transposed=True" if self.transposed else ""))
+        return (f"batch_index={self.batch_index}, scaling={self.scaling:g}, transposed={self.transposed}, "
+                f"merged={self.merged}")
