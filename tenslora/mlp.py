@@ -21,7 +21,6 @@ its ``heads`` flag does not apply (an MLP has no heads). Tensor names: ``mlp__<n
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,14 +31,13 @@ from tenslora.adapter import TensorAdapter
 from tenslora.constructions import Construction, get_construction
 from tenslora.layer import AdaptedLinear
 from tenslora.layout import tensor_layout
-from tenslora.targets import ModelShape, Target, _widths
+from tenslora.targets import _ATTENTION_CLASS, ModelShape, Target, _widths
 from tenslora.tensor.factorized import FACTORIZATIONS
 
 # only where d_ff == d_model: a path component (leaf or its parent) names the kind
 UP_NAMES = ("gate_proj", "up_proj", "c_fc", "fc1", "fc_in", "w1", "w3", "wi", "wi_0", "wi_1", "dense_h_to_4h",
             "intermediate", "lin1", "ffn")
 DOWN_NAMES = ("down_proj", "c_proj", "fc2", "fc_out", "w2", "wo", "dense_4h_to_h", "output", "lin2", "ffn_output")
-_ATTENTION_CLASS = re.compile(r"Attention|Attn")
 PREFIX = "mlp"
 
 
@@ -82,12 +80,12 @@ def _kind(rel: str, d_in: int, d_out: int, d_model: int) -> str | None:
         return "up"
     if d_out == d_model and d_in != d_model:
         return "down"
-    if d_in == d_out == d_model:
-        names = rel.split(".")[-2:]
-        if any(n in DOWN_NAMES for n in names[-1:]) or (names[-1] not in UP_NAMES and names[0] in DOWN_NAMES):
-            return "down"
-        if any(n in UP_NAMES for n in names):
-            return "up"
+    if d_in == d_out == d_model:  # the leaf's name decides, else its parent's (BERT: ``output``.dense)
+        leaf, _, parent = rel.rpartition(".")[::-1]
+        parent = parent.rpartition(".")[2]
+        for name in (leaf, parent):
+            if name in UP_NAMES or name in DOWN_NAMES:
+                return "up" if name in UP_NAMES else "down"
     return None
 
 

@@ -362,3 +362,15 @@ def test_lora_all_linear_save_load_round_trip(tmp_path):
         assert torch.allclose(loaded(input_ids=IDS).logits, out, atol=1e-5)
     widths = [adapted.base_model.get_submodule(n).base_layer.weight.shape for n in adapted.adapted_modules]
     assert adapted.adapter_parameters() == sum(4 * (i + o) for o, i in widths)
+
+
+def test_square_mlp_is_told_apart_by_names():
+    """``d_ff == d_model``: widths cannot tell up from down; the synonym table does (BERT: ``intermediate`` up,
+    the layer's ``output`` down; the attention's ``output.dense`` stays out)."""
+    from transformers import BertConfig, BertForSequenceClassification
+    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=32, vocab_size=101, num_labels=2))
+    mlp = find_mlp_targets(model, find_targets(model))
+    assert [t.name for t in mlp.targets if t.layer_index == 0] == ["bert.encoder.layer.0.intermediate.dense",
+                                                                    "bert.encoder.layer.0.output.dense"]
+    assert mlp.transposed == {"output_dense"}
