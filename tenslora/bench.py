@@ -27,9 +27,9 @@ from tenslora.targets import ModelShape
 class StepBench:
     """Model shape and workload: RoBERTa-base by default (12 layers, hidden 768, 12 heads);
     ``kv_heads > 0``: a LLaMA decoder with grouped-query attention (``kv_heads`` key/value heads);
-    ``targets``: the adapted projections for every method, LoRA included (``qkv`` or ``qkvo``);
-    ``clock``: ``wall`` (elapsed time) or ``process`` (this process's CPU time, CPU only: less sensitive to
-    other jobs on a loaded machine)."""
+    ``targets``: what every method adapts, LoRA included (``qkv``, ``qkvo``, or ``all-linear``: LoRA takes
+    PEFT's all-linear); ``clock``: ``wall`` (elapsed time) or ``process`` (this process's CPU time, CPU only:
+    less sensitive to other jobs on a loaded machine)."""
 
     layers: int = 12
     hidden: int = 768
@@ -49,7 +49,7 @@ class StepBench:
         """The adapted shape; the output projection, when adapted, is as wide as the query (transposed)."""
         head_dim = self.hidden // self.heads
         kv = (self.kv_heads or self.heads) * head_dim
-        extra = {"qkv": (), "qkvo": (("output", self.heads * head_dim),)}[self.targets]
+        extra = () if self.targets == "qkv" else (("output", self.heads * head_dim),)  # qkvo, all-linear: O
         return ModelShape(("query", "key", "value", *(p for p, _ in extra)), tuple(range(self.layers)), self.hidden,
                           (self.hidden, kv, kv, *(d for _, d in extra)), head_dim)
 

@@ -33,6 +33,15 @@ class AdaptedLinear(nn.Module):
     def adapter(self) -> TensorAdapter:
         return self._adapter[0]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, for model code that reads it (T5's MLP checks ``wo.weight.dtype``), as PEFT's layers do."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def delta_weight(self) -> torch.Tensor:
         """The dense update in ``nn.Linear`` layout: ``(d_out, d_in)``."""
         a, b = self.adapter.pair(self.batch_index)

@@ -20,8 +20,8 @@ def lora_target_modules(model: nn.Module, target_modules=None, targets: str = "q
     tensor constraint: any widths, any stacks, fused modules whole), else, for ``qkv`` only, PEFT's own
     default target names for the model type (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``);
     ValueError if neither knows."""
-    try:
-        return select_targets(model, targets, target_modules), None
+    try:  # all-linear: PEFT's own selection adapts the modules; Q/K/V give the shape and the metrics
+        return select_targets(model, "qkv" if targets == "all-linear" else targets, target_modules), None
     except ValueError as err:
         if target_modules or targets != "qkv":
             raise
@@ -32,6 +32,16 @@ def lora_target_modules(model: nn.Module, target_modules=None, targets: str = "q
         return [], list(PEFT_DEFAULTS[model_type])
 
 
+def peft_all_linear(model: nn.Module, head_modules: list[str]) -> list[str]:
+    """What PEFT's ``target_modules="all-linear"`` adapts on ``model`` (its own selection: every
+    ``nn.Linear``/``Conv1D`` but the output embedding), minus the task head (as PEFT does for
+    ``task_type="SEQ_CLS"``), sorted."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    names = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), model).target_modules
+    return sorted(n for n in names if not any(n == h or n.startswith(h + ".") for h in head_modules))
+
+
 def _module_widths(module: nn.Module) -> tuple[int, ...]:
     weight = getattr(module, "weight", None)
     return tuple(weight.shape) if weight is not None else ()
@@ -39,7 +49,8 @@ def _module_widths(module: nn.Module) -> tuple[int, ...]:
 
 class LoraModel(AdaptedModel):
     """``peft.get_peft_model`` with a ``LoraConfig`` on TensLoRA's targets (Q/K/V, or Q/K/V/O for
-    ``targets="qkvo"``), else PEFT's defaults."""
+    ``targets="qkvo"``), else PEFT's defaults; with targets ``all-linear``, on PEFT's own all-linear
+    selection (:func:`peft_all_linear`)."""
 
     def __init__(self, model: nn.Module, config: TensLoRAConfig, load_from: str | Path | None = None):
         super().__init__()
@@ -58,8 +69,9 @@ class LoraModel(AdaptedModel):
             peft_model = PeftModel.from_pretrained(model, str(load_from), is_trainable=True)
         else:
             rank = config.mode_ranks()["input"]
-            lora_config = LoraConfig(r=rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                                     target_modules=list(dict.fromkeys(t.name for t in self.targets)) or peft_names,
+            names = (peft_all_linear(model, self.head_modules) if config.targets == "all-linear"
+                     else list(dict.fromkeys(t.name for t in self.targets)) or peft_names)
+            lora_config = LoraConfig(r=rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=names,
                                      modules_to_save=[p.rsplit(".", 1)[-1] for p in self.head_modules] or None)
             # PEFT draws from the global RNG: fork it so the caller's RNG state is untouched.
             with torch.random.fork_rng(devices=[]):
@@ -70,6 +82,8 @@ class LoraModel(AdaptedModel):
         self.adapted_modules = [n for n, m in model.named_modules() if getattr(m, "lora_A", None)]
         self.report = describe_targets(self.targets) if self.targets else \
             f"PEFT defaults {peft_names}: {len(self.adapted_modules)} modules"
+        if config.targets == "all-linear":
+            self.report = f"PEFT all-linear: {len(self.adapted_modules)} modules"
         if not self.targets:
             warnings.warn(f"{type(model).__name__}: no Q/K/V projections found; LoRA adapts PEFT's default targets "
                           f"{peft_names} ({len(self.adapted_modules)} modules)", stacklevel=3)
@@ -80,11 +94,14 @@ class LoraModel(AdaptedModel):
         else the model type and every adapted module with its weight's shape."""
         targets, peft_names = lora_target_modules(model, config.target_modules, config.targets)
         try:
-            return fingerprint(model, model_shape(model, targets))
+            if config.targets != "all-linear":
+                return fingerprint(model, model_shape(model, targets))
         except (ValueError, IndexError):
             pass
         names = list(dict.fromkeys(t.name for t in targets)) if targets else [
             n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in peft_names]
+        if config.targets == "all-linear":
+            names = peft_all_linear(model, find_head_modules(model, config.modules_to_save))
         config_ = getattr(model, "config", None)
         return {"model_type": getattr(config_, "model_type", type(model).__name__),
                 "modules": {n: list(_module_widths(model.get_submodule(n))) for n in names}}

@@ -19,6 +19,7 @@ from tenslora.io import write_dir_atomic
 from tenslora.fused import AdaptedFused
 from tenslora.layer import AdaptedLinear
 from tenslora.layout import column_index, tensor_layout
+from tenslora.mlp import MlpTargets, build_mlp, find_mlp_targets
 from tenslora.params import summary_line
 from tenslora.targets import (FUSED_NAMES, Target, describe_targets, find_head_modules, fingerprint, model_shape,
                                select_targets)
@@ -198,6 +199,14 @@ class AdaptedModel(nn.Module):
                 "model": self.shape_fingerprint(), "head_modules": list(self.head_modules)}
 
 
+def _mlp_targets(model: nn.Module, config: TensLoRAConfig, targets: list[Target]) -> MlpTargets | None:
+    return find_mlp_targets(model, targets) if config.targets == "all-linear" else None
+
+
+def _with_mlp(record: dict, mlp: MlpTargets | None) -> dict:
+    return record if mlp is None else {**record, "mlp": mlp.record()}
+
+
 class TensLoRAModel(AdaptedModel):
     """A model whose Q/K/V projections (and O, with ``targets="qkvo"``) carry TensLoRA updates.
 
@@ -215,7 +224,8 @@ class TensLoRAModel(AdaptedModel):
         construction = get_construction(config.construction)
         targets = select_targets(model, config.targets, config.target_modules)
         self.shape = model_shape(model, targets)
-        self.report = describe_targets(targets)
+        self.mlp = _mlp_targets(model, config, targets)
+        self.report = describe_targets(targets) + (f"\n{self.mlp.describe()}" if self.mlp else "")
         if self.shape.stacks:
             warnings.warn(f"{type(model).__name__}: {len(self.shape.stacks)} attention stacks, each with its own "
                           f"tensors:\n{self.report}", stacklevel=3)
@@ -258,6 +268,12 @@ class TensLoRAModel(AdaptedModel):
             placements.append((parent, leaf, layer))
             for t, _, _ in parts:
                 self.layers[_layer_key(t)] = layer
+        if self.mlp is not None:  # the MLP's own tensors (targets all-linear; tenslora/mlp.py)
+            mlp_adapters, mlp_layers = build_mlp(model, config, self.mlp, device, adapter_generator)
+            self.adapters.update(mlp_adapters)
+            for t, parent, leaf, layer in mlp_layers:
+                placements.append((parent, leaf, layer))
+                self.layers[_layer_key(t)] = layer
         for p in model.parameters():
             p.requires_grad_(False)
         for parent, leaf, layer in placements:
@@ -289,6 +305,15 @@ class TensLoRAModel(AdaptedModel):
     # analysis -----------------------------------------------------------------------------
     def adapter_parameters(self) -> int:
         return sum(p.numel() for p in self.adapters.parameters())
+
+    @classmethod
+    def model_fingerprint(cls, model: nn.Module, config: TensLoRAConfig) -> dict:
+        """As :meth:`AdaptedModel.model_fingerprint`, plus ``mlp`` (the MLP members) with targets all-linear."""
+        targets = select_targets(model, config.targets, config.target_modules)
+        return _with_mlp(fingerprint(model, model_shape(model, targets)), _mlp_targets(model, config, targets))
+
+    def shape_fingerprint(self) -> dict:
+        return _with_mlp(fingerprint(self.base_model, self.shape), self.mlp)
 
     def layer(self, layer, proj: str) -> AdaptedLinear | AdaptedFused:
         """The module adapting ``proj`` of ``layer`` (with several stacks, ``layer`` is ``(stack, layer)``)."""

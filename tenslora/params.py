@@ -1,6 +1,7 @@
 """Predicted and actual trainable-parameter counts, and a PEFT-style summary line."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from torch import nn
@@ -45,8 +46,19 @@ def lora_parameters(shape: ModelShape, rank: int) -> int:
     return sum(rank * (shape.d_in + sum(shape.d_out[p] for p in group)) for group in modules) * len(shape.layers)
 
 
-def predict_adapter_parameters(config: TensLoRAConfig, shape: ModelShape) -> int:
-    """Trainable adapter parameters (task head excluded) for ``config`` on a model of ``shape``."""
+def predict_adapter_parameters(config: TensLoRAConfig, shape: ModelShape, mlp: ModelShape | None = None) -> int:
+    """Trainable adapter parameters (task head excluded) for ``config`` on a model of ``shape``; with targets
+    ``all-linear``, ``mlp`` is the MLP's shape (``tenslora.mlp.find_mlp_targets(model, targets).shape``)."""
+    if config.targets == "all-linear" and config.method == "tenslora":
+        if mlp is None:
+            raise ValueError("targets 'all-linear' need the MLP's shape: pass mlp=find_mlp_targets(model, targets).shape")
+        from tenslora.mlp import mlp_layout
+        count = PARAMETER_COUNTS[config.factorization]
+        return (predict_adapter_parameters(dataclasses.replace(config, targets="qkv"), shape)
+                + sum(count(sizes, ranks) for sizes, ranks in mlp_layout(config, mlp).values()))
+    if config.method == "lora" and config.targets == "all-linear":
+        raise ValueError("LoRA with targets 'all-linear' adapts PEFT's all-linear modules: count r * (in + out) over "
+                         "LoraModel.adapted_modules")
     if shape.stacks:
         return sum(predict_adapter_parameters(config, s) for _, s in shape.stacks)
     ranks = config.mode_ranks()

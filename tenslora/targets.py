@@ -20,6 +20,7 @@ modules holding no recognised projections are named in a warning (or in the erro
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -491,7 +492,8 @@ def _output_projection(model: nn.Module, site: str, names: Sequence[str]) -> tup
     return child(parent_path, parent)
 
 
-def with_output_projections(model: nn.Module, targets: Sequence[Target], leaf: str | None = None) -> list[Target]:
+def with_output_projections(model: nn.Module, targets: Sequence[Target], leaf: str | None = None,
+                            option: str = "qkvo") -> list[Target]:
     """``targets`` (Q/K/V) plus each site's output projection O right after its Q/K/V, as a transposed
     projection (``proj``: its leaf name; ``proj_index`` 3). ``leaf``: O's leaf name (default: the synonym
     table). ValueError, one line, where a site has no O or an O whose widths do not fit the tensor
@@ -505,16 +507,16 @@ def with_output_projections(model: nn.Module, targets: Sequence[Target], leaf: s
         query = next(t for t in own if t.proj_index == 0)
         found = _output_projection(model, site, names)
         if found is None:
-            raise ValueError(f"targets 'qkvo': no output projection found for the attention module {site!r} "
+            raise ValueError(f"targets {option!r}: no output projection found for the attention module {site!r} "
                              f"(names tried: {', '.join(names)}); use targets 'qkv'")
         path, module = found
         o_in, o_out = _widths(module)
         if (o_in, o_out) != (query.out_features, query.in_features):
-            raise ValueError(f"targets 'qkvo': output projection {path!r} maps {o_in} -> {o_out}, but joins the tensor "
+            raise ValueError(f"targets {option!r}: output projection {path!r} maps {o_in} -> {o_out}, but joins the tensor "
                              f"only if it maps the query width {query.out_features} -> the model width "
                              f"{query.in_features}; use targets 'qkv'")
         if path in claimed:
-            raise ValueError(f"targets 'qkvo': output projection {path!r} would serve both {claimed[path]!r} and "
+            raise ValueError(f"targets {option!r}: output projection {path!r} would serve both {claimed[path]!r} and "
                              f"{site!r}; use targets 'qkv'")
         claimed[path] = site
         out += own + [Target(path, path.rsplit(".", 1)[-1], len(own), query.layer, query.layer_index, o_in, o_out,
@@ -522,23 +524,26 @@ def with_output_projections(model: nn.Module, targets: Sequence[Target], leaf: s
     return out
 
 
-def _qkvo_targets(model: nn.Module, target_modules: Sequence[str] | None) -> list[Target]:
+def _qkvo_targets(model: nn.Module, target_modules: Sequence[str] | None, option: str = "qkvo") -> list[Target]:
     """``target_modules``: Q, K, V leaf names, optionally O's as a fourth."""
     names = tuple(target_modules or ())
     if names and len(names) not in (3, 4):
-        raise ValueError(f"target_modules {names} for targets 'qkvo' must name Q, K, V and optionally O")
-    return with_output_projections(model, find_targets(model, names[:3] or None), names[3] if len(names) == 4 else None)
+        raise ValueError(f"target_modules {names} for targets {option!r} must name Q, K, V and optionally O")
+    return with_output_projections(model, find_targets(model, names[:3] or None), names[3] if len(names) == 4 else None,
+                                   option)
 
 
-# targets option (``TensLoRAConfig.targets``) -> (model, target_modules) -> the projections to adapt
+# targets option (``TensLoRAConfig.targets``) -> (model, target_modules) -> the attention projections to adapt
+# (``all-linear``: Q/K/V/O here, and the MLP's own tensors from tenslora/mlp.py)
 TARGET_FINDERS: dict[str, Callable[[nn.Module, Sequence[str] | None], list[Target]]] = {
     "qkv": find_targets,
     "qkvo": _qkvo_targets,
+    "all-linear": functools.partial(_qkvo_targets, option="all-linear"),
 }
 
 
 def select_targets(model: nn.Module, targets: str = "qkv", target_modules: Sequence[str] | None = None) -> list[Target]:
-    """The projections that the ``targets`` option names (``qkv``, ``qkvo``) in ``model``."""
+    """The attention projections that the ``targets`` option names (``qkv``, ``qkvo``, ``all-linear``) in ``model``."""
     if targets not in TARGET_FINDERS:
         raise ValueError(f"targets {targets!r} are not available yet; allowed: {', '.join(TARGET_FINDERS)}")
     return TARGET_FINDERS[targets](model, target_modules)

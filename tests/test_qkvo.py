@@ -230,12 +230,14 @@ def test_output_projection_that_does_not_fit_is_refused_in_one_line():
     assert "'bert.encoder.layer.0.attention.output.dense' maps 32 -> 16" in _refusal(bert)
 
 
-def test_missing_output_projection_and_all_linear_are_refused():
+def test_missing_output_projection_is_refused():
     model = llama()
     del model.model.layers[0].self_attn.o_proj
     assert _refusal(model).startswith("targets 'qkvo': no output projection found for the attention module "
                                       "'model.layers.0.self_attn' (names tried: o_proj, out_proj, c_proj")
-    assert _refusal(llama(), "all-linear") == "targets 'all-linear' are not available yet; allowed: qkv, qkvo"
+    no_o = llama()
+    del no_o.model.layers[0].self_attn.o_proj
+    assert _refusal(no_o, "all-linear").startswith("targets 'all-linear': no output projection found")
 
 
 def test_target_modules_may_name_the_output_projection():
@@ -387,7 +389,7 @@ def test_bench_refuses_unknown_targets_in_one_line():
     done = subprocess.run([sys.executable, "-m", "tenslora", "bench", "step-time", "--targets", "qkvx"],
                           capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.strip() == "error: unknown --targets 'qkvx'; allowed: qkv, qkvo"
+    assert done.stderr.strip() == "error: unknown --targets 'qkvx'; allowed: qkv, qkvo, all-linear"
     done = subprocess.run([sys.executable, "-m", "tenslora", "bench", "step-time", "--clock", "process",
                            "--device", "cuda"], capture_output=True, text=True)
     assert done.returncode == 2

@@ -23,8 +23,8 @@ def step_time(
     rank: int = typer.Option(8, help="LoRA rank and typical TensLoRA rank."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
-    targets: str = typer.Option("qkv", help="Adapted projections for every method, LoRA included: qkv or qkvo "
-                                            "(plus the attention output projection)."),
+    targets: str = typer.Option("qkv", help="Adapted layers for every method, LoRA included: qkv, qkvo (plus "
+                                            "the attention output projection) or all-linear (plus the MLP)."),
     clock: str = typer.Option("wall", help="wall (elapsed) or process (CPU time of the timing process; cpu only, "
                                            "steadier on a loaded machine)."),
     methods: str = typer.Option("", help="Comma-separated subset, e.g. 'lora,qkv_depth:tucker' (default: all)."),
@@ -35,8 +35,9 @@ def step_time(
     from rich.table import Table
 
     from tenslora.bench import StepBench, default_methods, run_all
-    if targets not in ("qkv", "qkvo"):
-        raise ValueError(f"unknown --targets {targets!r}; allowed: qkv, qkvo")
+    from tenslora.constructions import TARGETS
+    if targets not in TARGETS:
+        raise ValueError(f"unknown --targets {targets!r}; allowed: {', '.join(TARGETS)}")
     if clock not in ("wall", "process") or (clock == "process" and device != "cpu"):
         raise ValueError(f"--clock {clock!r} on {device}; allowed: wall, or process on cpu")
     bench = StepBench(layers, hidden, heads, batch, seq, steps, warmup, threads, device, rank, kv_heads, targets,

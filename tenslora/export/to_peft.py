@@ -3,10 +3,11 @@
 For projection ``p``, :class:`~tenslora.layer.AdaptedLinear` adds ``scaling * x @ A @ B_p`` with
 ``A: (d_in, r)`` the shared input factor and ``B_p: (r, d_out_p)``. PEFT adds
 ``(alpha / r) * x @ lora_A.T @ lora_B.T``, so ``lora_A.weight = A.T (r, d_in)``,
-``lora_B.weight = (scaling * B_p).T (d_out_p, r)`` and ``lora_alpha = r`` (PEFT scaling 1); a transposed
-projection (the output projection O, update ``(A B_p)^T``) gets ``lora_A.weight = B_p``,
-``lora_B.weight = scaling * A``. The task
-head is saved as PEFT saves ``modules_to_save``: ``base_model.model.<path>.<param>``.
+``lora_B.weight = (scaling * B_p).T (d_out_p, r)`` and ``lora_alpha = r`` (PEFT scaling 1). A transposed
+update (the attention output projection O or an MLP's down projection, ``scaling * x @ B_p^T @ A^T``) gives
+``lora_A.weight = B_p (r, d_in)``, ``lora_B.weight = scaling * A (d_out, r)``. ``Conv1D`` modules (GPT-2's MLP)
+export with PEFT's ``fan_in_fan_out``. The task head is saved as PEFT saves ``modules_to_save``:
+``base_model.model.<path>.<param>``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from tenslora.layer import AdaptedLinear
 from tenslora.model import TensLoRAModel
+from tenslora.targets import _widths
 
 PREFIX = "base_model.model."
 
@@ -35,7 +37,7 @@ def lora_tensors(adapted: TensLoRAModel) -> tuple[dict[str, torch.Tensor], list[
     """``{key: tensor}`` in PEFT's file naming, the adapted module paths and the LoRA rank."""
     paths = {id(m): name for name, m in adapted.base_model.named_modules()}
     tensors, names, ranks = {}, [], set()
-    layers = sorted(adapted.layers.items())
+    layers = sorted(adapted.layers.items(), key=lambda kv: str(kv[0]))
     for (layer, proj), linear in layers:
         if not isinstance(linear, AdaptedLinear):
             raise ValueError(f"{proj!r} of layer {layer} is part of a fused Q/K/V module "
@@ -43,18 +45,14 @@ def lora_tensors(adapted: TensLoRAModel) -> tuple[dict[str, torch.Tensor], list[
                              "yet: use --format merged")
     for (layer, proj), linear in layers:
         a, b = linear.adapter.pair(linear.batch_index)  # (d_in, r), (r, d_out_p)
-        if linear.transposed:  # update (A B)^T: PEFT's A is B (r, module in), its B is A (module out, r)
-            lora_a, lora_b = b, linear.scaling * a
-        else:
-            lora_a, lora_b = a.T, (linear.scaling * b).T
-        expected = (linear.base_layer.out_features, linear.base_layer.in_features)
-        if (lora_b.shape[0], lora_a.shape[1]) != expected:
-            raise ValueError(f"adapter slice of {proj!r} in layer {layer} gives a {lora_b.shape[0]} x "
-                             f"{lora_a.shape[1]} update, expected {expected[0]} x {expected[1]}; cannot export this "
-                             "construction on this model")
+        down, up = (b, a.T) if linear.transposed else (a.T, b)  # update = x @ down.T @ up: (r, d_in), (r, d_out)
+        d_in, d_out = _widths(linear.base_layer)
+        if tuple(down.shape) != (a.shape[1], d_in) or tuple(up.shape) != (a.shape[1], d_out):
+            raise ValueError(f"adapter slice of {proj!r} in layer {layer} has shape {tuple(b.shape)}, expected "
+                             f"({a.shape[1]}, {d_out}); cannot export this construction on this model")
         name = paths[id(linear)]
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_a.contiguous().clone()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_b.contiguous().clone()
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = down.contiguous().clone()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = (linear.scaling * up).T.contiguous().clone()
         names.append(name)
         ranks.add(a.shape[1])
     (rank,) = ranks
@@ -76,8 +74,9 @@ def write_tenslora_as_peft(adapted: TensLoRAModel, directory: Path, model_path: 
     tensors, names, rank = lora_tensors(adapted)
     count = sum(t.numel() for t in tensors.values())
     heads, head_names = head_tensors(adapted) if head else ({}, [])
+    conv1d = any(not isinstance(adapted.base_model.get_submodule(n).base_layer, nn.Linear) for n in names)
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=adapted.adapter_config.dropout,
-                        target_modules=target_names(adapted.base_model, names),
+                        target_modules=target_names(adapted.base_model, names), fan_in_fan_out=conv1d,
                         modules_to_save=head_names or None, base_model_name_or_path=model_path)
     config.save_pretrained(str(directory))
     save_file({**tensors, **heads}, str(directory / "adapter_model.safetensors"))

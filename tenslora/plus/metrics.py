@@ -1,7 +1,8 @@
 """Model-level TensLoRA+ metrics: per-mode spectra and gradient norms of a whole adapter.
 
 Keys: ``metrics[tensor][mode][metric]``. ``tensor`` is ``"adapter"`` for every tensor of the
-construction aggregated (stacked along a new mode, so the mode-n Grams add up), or a tensor name
+construction aggregated (stacked along a new mode, so the mode-n Grams add up), ``"mlp"`` for the MLP
+tensors aggregated likewise (targets ``all-linear``; modes ``input``, ``output``, ``qkv``, ``layers``), or a tensor name
 (``per_tensor=True``; for LoRA one ``layer_<l>.<proj>`` per projection, mode ``matrix``).
 Modes are the construction's (``input``, ``output`` / ``head_dim``, ``heads``, ``qkv``, ``layers``),
 plus ``core`` (gradient norm only). For the PEFT LoRA baseline the updates ``dW = B A`` are seen as
@@ -20,6 +21,7 @@ import torch
 from tenslora.plus import spectra
 
 AGGREGATE = "adapter"
+MLP_AGGREGATE = "mlp"  # targets all-linear: the MLP tensors aggregated on their own (AGGREGATE: the attention's)
 SPECTRUM_METRICS = ("entropy", "top1_energy", "effective_rank")
 
 
@@ -30,6 +32,17 @@ def is_lora(adapted) -> bool:
 def adapter_tensors(adapted) -> dict:
     """``{tensor name: Tucker/CP/TensorTrain module}`` of a TensLoRA model."""
     return {name: adapter.tensor for name, adapter in adapted.adapters.items()}
+
+
+def aggregates(adapted) -> dict[str, dict]:
+    """``{AGGREGATE: the attention tensors, MLP_AGGREGATE: the MLP's}`` (the latter with targets all-linear only):
+    the two have different output modes and member counts, so each is stacked with its own kind."""
+    mlp = getattr(adapted, "mlp", None)
+    prefixes = tuple(f"{stack}__" for stack in mlp.shape.by_stack()) if mlp is not None else ()
+    out: dict[str, dict] = {}
+    for name, tensor in adapter_tensors(adapted).items():
+        out.setdefault(MLP_AGGREGATE if name.startswith(prefixes) else AGGREGATE, {})[name] = tensor
+    return out
 
 
 def lora_factors(adapted, oriented: bool = True) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
@@ -80,7 +93,7 @@ def mode_spectra(adapted, per_tensor: bool = False) -> dict[str, dict[str, torch
     if is_lora(adapted):
         return _lora_spectra(adapted, per_tensor)
     tensors = adapter_tensors(adapted)
-    out = {AGGREGATE: spectra.tensors_spectra(tensors)}
+    out = {key: spectra.tensors_spectra(group) for key, group in aggregates(adapted).items()}
     if per_tensor and len(tensors) > 1:
         for name, tensor in tensors.items():
             out[name] = spectra.tensors_spectra({name: tensor})
@@ -99,9 +112,9 @@ def gradient_norms(adapted, per_tensor: bool = False) -> dict[str, dict[str, flo
                 out[f"layer_{layer}.{proj}"] = {"matrix": spectra.grad_norm([a, b])}
         return out
     tensors = adapter_tensors(adapted)
-    modes = adapted.adapter_config.mode_names
 
     def norms(group: list) -> dict[str, float]:
+        modes = dict.fromkeys(m for t in group for m in t.mode_names)
         params = [t.mode_parameters() for t in group]
         res = {m: spectra.grad_norm([p[m] for p in params if m in p]) for m in modes}
         cores = [t.core for t in group if getattr(t, "core", None) is not None]
@@ -109,7 +122,7 @@ def gradient_norms(adapted, per_tensor: bool = False) -> dict[str, dict[str, flo
             res["core"] = spectra.grad_norm(cores)
         return res
 
-    out = {AGGREGATE: norms(list(tensors.values()))}
+    out = {key: norms(list(group.values())) for key, group in aggregates(adapted).items()}
     if per_tensor and len(tensors) > 1:
         out.update({name: norms([t]) for name, t in tensors.items()})
     return out

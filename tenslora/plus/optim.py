@@ -6,6 +6,8 @@
 - TensLoRA: ``core`` (Tucker only; every tensor's core), ``factor:<mode>`` (the factor of that mode
   from every tensor of the construction, Tucker and CP alike), ``core:<mode>`` (tensor-train: the core
   of that mode from every tensor; each TT core belongs to one mode, so ``mode_lr`` applies per core);
+  with targets ``all-linear`` the MLP tensors' modes join the same groups (``input``, ``qkv``, ``layers``),
+  plus ``output`` where the attention tensors have ``head_dim``/``heads`` instead;
 - PEFT LoRA: ``lora_A``, ``lora_B`` (LoRA+, Hayou et al. 2024: B at ``lr * lora_plus_ratio``);
 - both: ``head`` (task-head weights) and ``head_no_decay`` (task-head biases and LayerNorm weights),
   and ``other`` for any trainable parameter that is none of the above (e.g. unfrozen by the user).
@@ -77,10 +79,12 @@ def build_param_groups(adapted, *, lr: float, weight_decay: float = 0.0, core_la
                          f"construction {config.construction!r}; use core_lambda / mode_lr")
     if mode_lr and is_lora:
         raise ValueError(f"mode_lr {mode_lr} applies to tensor adapters only; for LoRA use lora_plus_ratio")
-    unknown = sorted(set(mode_lr) - set(config.mode_names))
+    modes = config.mode_names if is_lora or config.method != "tenslora" else tuple(dict.fromkeys(
+        m for adapter in adapted.adapters.values() for m in (*config.mode_names, *adapter.tensor.mode_names)))
+    unknown = sorted(set(mode_lr) - set(modes))
     if unknown:
         raise ValueError(f"mode_lr names modes {unknown} that construction {config.construction!r} lacks; "
-                         f"allowed: {', '.join(config.mode_names)}")
+                         f"allowed: {', '.join(modes)}")
     head_lr = lr if head_lr is None else head_lr
 
     groups: dict[str, dict] = {}
@@ -104,7 +108,7 @@ def build_param_groups(adapted, *, lr: float, weight_decay: float = 0.0, core_la
                 add("lora_A", p, lr, weight_decay)
                 seen.add(id(p))
     else:
-        for mode in config.mode_names:  # groups in mode order, Tucker's core first
+        for mode in modes:  # groups in mode order, Tucker's core first (then the MLP's ``output``, all-linear)
             for adapter in adapted.adapters.values():
                 tensor = adapter.tensor
                 core = getattr(tensor, "core", None)

@@ -33,6 +33,8 @@ def saved_tensors(adapter_dir: str | Path) -> dict:
     kind = FACTORIZATIONS[config.factorization]
     out = {}
     for name, state in states.items():
+        if config.targets == "all-linear" and name.split("__")[0].startswith("mlp"):
+            continue  # the MLP's own tensors (other modes): these are the attention tensors' spectra
         try:
             out[name] = kind.from_state(config.mode_names, state)
         except (KeyError, RuntimeError) as exc:
