@@ -6,7 +6,11 @@
 
 ``stages`` runs ``tenslora train`` in this process and prints, at each stage boundary, the current
 RSS and the process's peak so far (``ru_maxrss``): the stage where the peak jumps is where the
-memory goes. ``compare`` runs ``python -m tenslora train`` as a fresh subprocess with this checkout
+memory goes. It also prints glibc's own account (``mallinfo2``): heap bytes in use, heap bytes free
+but still held (fragmentation: what a smaller ``MALLOC_MMAP_THRESHOLD_`` gives back), and bytes in
+``mmap`` blocks. ``TL_BENCH_TRIM=step`` calls ``malloc_trim(0)`` after every optimizer step, and
+``TL_BENCH_TRIM=rss200`` whenever the RSS grew 200 MB since the last trim (an alternative measured in
+docs/benchmarks.md, not used by ``tenslora``). ``compare`` runs ``python -m tenslora train`` as a fresh subprocess with this checkout
 and with ``DIR`` (another checkout, e.g. the main branch) on ``PYTHONPATH``, alternating, and prints
 each run's peak RSS (``ru_maxrss`` of the child), wall time and CPU time (user + system: the fairer
 cost on a shared machine). Default train options: the default
@@ -93,7 +97,7 @@ class StageCallback:
     """``train`` callbacks marking the loop's stages (first step, each evaluation, the end)."""
 
     def __init__(self, stages: Stages):
-        self.stages, self.seen = stages, set()
+        self.stages, self.seen, self.trimmed_at = stages, set(), 0.0
 
     def on_train_begin(self, *args):
         self.stages.mark("loaders, optimizer, writer (train begins)")
@@ -105,8 +109,12 @@ class StageCallback:
             self.stages.mark("step 1 forward + backward")
 
     def on_step_end(self, step, adapted, logs):
-        if os.environ.get("TL_BENCH_TRIM") in ("step", "backward"):
+        mode = os.environ.get("TL_BENCH_TRIM", "")
+        if mode in ("step", "backward"):
             _trim()
+        elif mode.startswith("rss") and rss_mb() > self.trimmed_at + float(mode[3:]):
+            _trim()
+            self.trimmed_at = rss_mb()
         if step == 1 or step % 10 == 0:
             self.stages.mark(f"step {step} done")
 
