@@ -6,7 +6,11 @@
 
 ``stages`` runs ``tenslora train`` in this process and prints, at each stage boundary, the current
 RSS and the process's peak so far (``ru_maxrss``): the stage where the peak jumps is where the
-memory goes. ``compare`` runs ``python -m tenslora train`` as a fresh subprocess with this checkout
+memory goes. It also prints glibc's own account (``mallinfo2``): heap bytes in use, heap bytes free
+but still held (fragmentation: what a smaller ``MALLOC_MMAP_THRESHOLD_`` gives back), and bytes in
+``mmap`` blocks. ``TL_BENCH_TRIM=step`` calls ``malloc_trim(0)`` after every optimizer step, and
+``TL_BENCH_TRIM=rss200`` whenever the RSS grew 200 MB since the last trim (an alternative measured in
+docs/benchmarks.md, not used by ``tenslora``). ``compare`` runs ``python -m tenslora train`` as a fresh subprocess with this checkout
 and with ``DIR`` (another checkout, e.g. the main branch) on ``PYTHONPATH``, alternating, and prints
 each run's peak RSS (``ru_maxrss`` of the child), wall time and CPU time (user + system: the fairer
 cost on a shared machine). Default train options: the default
@@ -36,18 +40,40 @@ def peak_mb(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
 
 
+def malloc_mb() -> tuple[float, float, float]:
+    """glibc ``mallinfo2`` summed over all arenas: (heap bytes in use, heap bytes free but held, bytes in
+    ``mmap`` blocks), in MB; NaNs where it is not available."""
+    import ctypes
+    fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+              "keepcost")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in fields]
+
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return (float("nan"),) * 3
+    fn.restype = MallInfo2
+    info = fn()
+    return info.uordblks / 2**20, info.fordblks / 2**20, info.hblkhd / 2**20
+
+
 class Stages:
-    """Prints one line per stage: RSS now, peak so far, how much the peak grew, seconds since start."""
+    """Prints one line per stage: RSS now, peak so far, how much the peak grew, seconds since start, and
+    glibc's view (heap in use, heap free but held, mmap blocks): a large "heap free" is memory glibc keeps."""
 
     def __init__(self):
         self.t0 = time.perf_counter()
         self.last_peak = 0.0
-        print(f"{'stage':44s} {'rss MB':>8s} {'peak MB':>8s} {'+peak':>7s} {'t s':>7s}")
+        print(f"{'stage':44s} {'rss MB':>8s} {'peak MB':>8s} {'+peak':>7s} {'t s':>7s} {'heap use':>8s} "
+              f"{'heap free':>9s} {'mmap':>6s}")
 
     def mark(self, name: str) -> None:
         peak = peak_mb()
+        used, free, mapped = malloc_mb()
         print(f"{name:44s} {rss_mb():8.0f} {peak:8.0f} {peak - self.last_peak:7.0f} "
-              f"{time.perf_counter() - self.t0:7.1f}", flush=True)
+              f"{time.perf_counter() - self.t0:7.1f} {used:8.0f} {free:9.0f} {mapped:6.0f}", flush=True)
         self.last_peak = peak
 
 
@@ -62,23 +88,34 @@ def _wrap(module, name: str, stages: Stages, label: str) -> None:
     setattr(module, name, wrapped)
 
 
+def _trim() -> None:
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class StageCallback:
     """``train`` callbacks marking the loop's stages (first step, each evaluation, the end)."""
 
     def __init__(self, stages: Stages):
-        self.stages, self.seen = stages, set()
+        self.stages, self.seen, self.trimmed_at = stages, set(), 0.0
 
     def on_train_begin(self, *args):
         self.stages.mark("loaders, optimizer, writer (train begins)")
 
     def after_backward(self, step, *args):
+        if os.environ.get("TL_BENCH_TRIM") == "backward":
+            _trim()
         if step == 1:
             self.stages.mark("step 1 forward + backward")
 
     def on_step_end(self, step, adapted, logs):
-        if any(k.startswith("validation_") for k in logs):
-            self.stages.mark(f"step {step} (with validation)")
-        elif step == 1 or step % 10 == 0:
+        mode = os.environ.get("TL_BENCH_TRIM", "")
+        if mode in ("step", "backward"):
+            _trim()
+        elif mode.startswith("rss") and rss_mb() > self.trimmed_at + float(mode[3:]):
+            _trim()
+            self.trimmed_at = rss_mb()
+        if step == 1 or step % 10 == 0:
             self.stages.mark(f"step {step} done")
 
     def on_train_end(self, *args):
@@ -98,6 +135,15 @@ def stages(train_args: list[str]) -> None:
     _wrap(setup, "prepare", st, "prepare splits")
     _wrap(setup, "build_model", st, "load model + preprocessor")
     _wrap(setup, "get_adapted_model", st, "inject the adapter")
+    evaluate = loop._evaluate
+
+    def marked_evaluate(s, split):  # the training steps' peak, then the evaluation's
+        st.mark(f"step {s.progress.step}, before {split} evaluation")
+        out = evaluate(s, split)
+        st.mark(f"step {s.progress.step}, {split} evaluation done")
+        return out
+
+    loop._evaluate = marked_evaluate
     import typer
 
     from tenslora.cli.train import train_command
@@ -141,6 +187,8 @@ def steps(label: str, n_threads: int = 1) -> None:
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if os.environ.get("TL_BENCH_TRIM"):
+            _trim()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(f"{label}: CPU {usage.ru_utime + usage.ru_stime - cpu0:.1f} s, wall {time.perf_counter() - t0:.1f} s, "
           f"peak RSS {peak_mb():.0f} MB")

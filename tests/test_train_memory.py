@@ -1,5 +1,6 @@
-"""Freed training buffers go back to the OS (glibc): a buffer pattern that glibc's default keeps
-resident is returned once ``release_freed_memory`` has run. Each case runs in a fresh process."""
+"""Peak memory of a training run: freed training buffers go back to the OS (glibc: a buffer pattern that
+glibc's default keeps resident is returned once ``release_freed_memory`` has run), and the metrics do not
+import scikit-learn. Each process-level case runs in a fresh process."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from test_train_utils import sentences, text_model, write_csv  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,3 +62,48 @@ def test_user_setting_wins(monkeypatch):
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert release_freed_memory() is False
+
+
+def test_classification_metrics_equal_sklearn_exactly():
+    """The numpy metrics give sklearn's floats bit for bit: random cases, missing and extra classes, one class."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    from tenslora.train.metrics import classification_metrics
+    rng = np.random.default_rng(0)
+    cases = [([0, 0, 0], [0, 0, 0]), ([1, 1], [0, 0]), ([0, 1, 1, 0], [2, 2, 2, 2]), ([5, 3, 3], [3, 5, 7])]
+    for _ in range(500):
+        n, k_true, k_pred = rng.integers(1, 60), rng.integers(1, 5), rng.integers(1, 6)
+        cases.append((rng.integers(0, k_true, n), rng.integers(0, k_pred, n)))
+    for labels, preds in cases:
+        labels, preds = np.asarray(labels), np.asarray(preds)
+        binary = set(np.concatenate([labels, preds]).tolist()) <= {0, 1}
+        m = classification_metrics(preds, labels, 2 if binary else 3)
+        assert m["accuracy"] == accuracy_score(labels, preds)
+        assert m["macro_f1"] == f1_score(labels, preds, average="macro", zero_division=0)
+        assert m["mcc"] == matthews_corrcoef(labels, preds)
+        if binary:
+            assert m["f1"] == f1_score(labels, preds, pos_label=1, average="binary", zero_division=0)
+
+
+TRAIN_AND_LIST_MODULES = textwrap.dedent('''
+    import sys
+    from tenslora.train.config import TrainConfig
+    from tenslora.train.loop import train
+    summary = train(TrainConfig(task=sys.argv[1], model=sys.argv[2], output_dir=sys.argv[3], max_steps=2,
+                                batch_size=8, eval_batch_size=16, eval_every=1, progress=False, threads=1))
+    assert summary["status"] == "done" and "test_macro_f1" in summary["best"], summary
+    print(" ".join(sorted(m for m in ("sklearn",) if m in sys.modules)) or "none")
+''')
+
+
+@pytest.mark.slow
+def test_a_classification_run_never_imports_sklearn(tmp_path, text_model):  # noqa: F811
+    """Training, validation, test evaluation and the majority baseline use the numpy metrics: importing
+    scikit-learn alone adds ~100 MB to the peak RSS of every run."""
+    data = write_csv(tmp_path / "d.csv", sentences(60))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", TRAIN_AND_LIST_MODULES, str(data), str(text_model),
+                          str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "none", out.stdout
