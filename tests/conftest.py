@@ -7,6 +7,12 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_rng():
+    """Every test starts from the same global torch RNG state, whatever ran before it (order-independent)."""
+    torch.manual_seed(0)
+
+
 def tiny_bert(num_labels: int = 3, layers: int = 3, hidden: int = 32, heads: int = 4, seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
     config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

@@ -72,7 +72,9 @@ def test_gqa_gradients_equal_reconstruction(construction, factorization):
     scaling = adapted.adapter_config.scaling
     x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
     params = list(adapted.adapters.parameters())
-    weights = {(l, p): torch.randn(4, adapted.layer(l, p).base_layer.out_features) for l in (0, 1) for p in PROJS}
+    g = torch.Generator().manual_seed(2)  # its own generator: the same weights on every run (no global RNG)
+    weights = {(l, p): torch.randn(4, adapted.layer(l, p).base_layer.out_features, generator=g)
+               for l in (0, 1) for p in PROJS}
     with adapted.adapter_pass():
         fast = sum((adapted.layer(l, p)(x) * w).sum() for (l, p), w in weights.items())
     fast_grads = torch.autograd.grad(fast, params)
@@ -81,7 +83,7 @@ def test_gqa_gradients_equal_reconstruction(construction, factorization):
     slow_grads = torch.autograd.grad(slow, params)
     assert torch.allclose(fast, slow, rtol=1e-5)
     for gf, gs in zip(fast_grads, slow_grads):
-        assert (gf - gs).abs().max() <= 1e-5 * gs.abs().max()
+        assert (gf - gs).abs().max() <= 1e-5 * gs.abs().max() + 1e-7  # float32 sums in two orders
 
 
 @pytest.mark.parametrize("head_dim", [None, 16])
