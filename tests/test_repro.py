@@ -313,3 +313,12 @@ def test_report_cli_checks_the_readme_before_writing(tmp_path):
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 2 and "has no results block" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists() and bare.read_text() == "no markers\n"
+
+
+def test_readme_cell_says_not_measured_when_nothing_was_compared():
+    from tenslora.repro.report import _cell
+    assert _cell((INCONCLUSIVE, "a/tucker has no finished runs; b/tucker has no finished runs")) == "not measured"
+    assert _cell((INCONCLUSIVE, "no att runs or no other constructions")) == "not measured"
+    assert _cell((INCONCLUSIVE, "a 0.5 vs b 0.5: difference +0.0, pooled std 0.1 -> inconclusive; c has no finished "
+                                "runs")) == INCONCLUSIVE
+    assert _cell((HELD, "x 0.7 vs y 0.5: difference +0.2, pooled std 0.01 -> held")) == HELD and _cell(None) == "-"

@@ -418,9 +418,13 @@ def _claim_order(key) -> tuple[int, int]:
 
 
 def _cell(verdict: tuple[str, str] | None) -> str:
+    """A verdict, or ``not measured`` where its sentence compared nothing (no runs for either side)."""
     if verdict is None:
         return "-"
-    return "not measured" if "not measured" in verdict[1] else verdict[0]
+    sentence = verdict[1]
+    unmeasured = "not measured" in sentence or "no att runs" in sentence or (
+        "no finished runs" in sentence and "->" not in sentence)
+    return "not measured" if unmeasured else verdict[0]
 
 
 def readme_summary(result: dict, results_link: str) -> str:
