@@ -316,7 +316,7 @@ def test_cli_dry_run_counts_both_phases_and_refuses_a_bad_experiment(tmp_path):
            str(tmp_path / "r"), "--dry-run"]
     done = subprocess.run([*cmd, "--experiments", "D,E"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    assert "tweets: 80 jobs, 54 phase-2 jobs after the selection" in done.stdout
+    assert "tweets: 50 jobs, 36 phase-2 jobs after the selection" in done.stdout  # 10 configurations x 5 rates; (10 + 2 E arms) x 3 seeds
     assert not (tmp_path / "r" / "tweets" / SELECTION_FILE).exists()  # nothing ran, nothing selected
     bad = subprocess.run([*cmd, "--experiments", "D,F"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
