@@ -80,10 +80,11 @@ class LoraModel(AdaptedModel):
         self.peft_model = peft_model
         self.base_model = model
         self.adapted_modules = [n for n, m in model.named_modules() if getattr(m, "lora_A", None)]
-        self.report = describe_targets(self.targets) if self.targets else \
-            f"PEFT defaults {peft_names}: {len(self.adapted_modules)} modules"
         if config.targets == "all-linear":
             self.report = f"PEFT all-linear: {len(self.adapted_modules)} modules"
+        else:
+            self.report = describe_targets(self.targets) if self.targets else \
+                f"PEFT defaults {peft_names}: {len(self.adapted_modules)} modules"
         if not self.targets:
             warnings.warn(f"{type(model).__name__}: no Q/K/V projections found; LoRA adapts PEFT's default targets "
                           f"{peft_names} ({len(self.adapted_modules)} modules)", stacklevel=3)
@@ -92,16 +93,16 @@ class LoraModel(AdaptedModel):
     def model_fingerprint(cls, model: nn.Module, config: TensLoRAConfig) -> dict:
         """As TensLoRA's where the targets have one tensor shape (the format of earlier LoRA adapters),
         else the model type and every adapted module with its weight's shape."""
-        targets, peft_names = lora_target_modules(model, config.target_modules, config.targets)
-        try:
-            if config.targets != "all-linear":
-                return fingerprint(model, model_shape(model, targets))
-        except (ValueError, IndexError):
-            pass
-        names = list(dict.fromkeys(t.name for t in targets)) if targets else [
-            n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in peft_names]
         if config.targets == "all-linear":
             names = peft_all_linear(model, find_head_modules(model, config.modules_to_save))
+        else:
+            targets, peft_names = lora_target_modules(model, config.target_modules, config.targets)
+            try:
+                return fingerprint(model, model_shape(model, targets))
+            except (ValueError, IndexError):
+                pass
+            names = list(dict.fromkeys(t.name for t in targets)) if targets else [
+                n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in peft_names]
         config_ = getattr(model, "config", None)
         return {"model_type": getattr(config_, "model_type", type(model).__name__),
                 "modules": {n: list(_module_widths(model.get_submodule(n))) for n in names}}

@@ -43,13 +43,18 @@ PREFIX = "mlp"
 
 @dataclass(frozen=True)
 class MlpTargets:
-    """The MLP members to adapt: ``targets`` (``in_features = d_model``, ``out_features = d_ff`` as the
-    tensor sees them; ``stack`` is the tensor-name prefix, ``site`` the layer module), ``shape`` (per stack,
-    like :class:`ModelShape`; ``d_in = d_model``, ``d_out = d_ff`` per member) and the down-kind members."""
+    """The MLP members to adapt: ``targets`` (the modules' own widths; down-kind members are
+    ``transposed``, so every ``tensor_widths`` is ``(d_model, d_ff)``; ``stack`` is the tensor-name prefix,
+    ``site`` the layer module) and ``shape`` (per stack, like :class:`ModelShape`; ``d_in = d_model``,
+    ``d_out = d_ff`` per member)."""
 
     targets: tuple[Target, ...]
     shape: ModelShape
-    transposed: frozenset[str]
+
+    @property
+    def transposed(self) -> frozenset[str]:
+        """The down-kind members' names."""
+        return frozenset(t.proj for t in self.targets if t.transposed)
 
     def describe(self) -> str:
         """One line per stack, as :func:`tenslora.targets.describe_targets` (down-kind members marked)."""
@@ -173,7 +178,7 @@ def find_mlp_targets(model: nn.Module, targets: Sequence[Target]) -> MlpTargets:
     if not found:
         raise ValueError(f"targets 'all-linear': no MLP linear modules (d_model -> d_ff, d_ff -> d_model) found next to "
                          f"the attention of {type(model).__name__}; use targets 'qkv' or construction 'lora'")
-    out, shapes, transposed = [], [], set()
+    out, shapes = [], []
     for stack, rows in found.items():
         name = PREFIX if len(found) == 1 else f"{PREFIX}_{stack}"
         _, first_path, first, d_ff, d_model = rows[0]
@@ -183,15 +188,13 @@ def find_mlp_targets(model: nn.Module, targets: Sequence[Target]) -> MlpTargets:
                 raise ValueError(f"targets 'all-linear': the MLP of layer {path!r} has members "
                                  f"{[(r, f'{i}->{o}') for r, _, i, o in ordered]}, layer {first_path!r} has "
                                  f"{[(r, f'{i}->{o}') for r, _, i, o in first]}; every layer needs the same members")
-            for index, ((rel, kind, _, _), member) in enumerate(zip(ordered, members)):
-                out.append(Target(f"{path}.{rel}" if path else rel, member, index, layer, position, d_model, d_ff,
-                                  name, None, path))
-                if kind == "down":
-                    transposed.add(member)
+            for index, ((rel, kind, d_in, d_out), member) in enumerate(zip(ordered, members)):
+                out.append(Target(f"{path}.{rel}" if path else rel, member, index, layer, position, d_in, d_out,
+                                  name, None, path, transposed=kind == "down"))
         shapes.append((name, ModelShape(tuple(members), tuple(r[0] for r in rows), d_model, (d_ff,) * len(members),
                                         d_ff)))
     shape = dataclasses.replace(shapes[0][1], stacks=tuple(shapes))  # always by name: ``by_stack()`` keys prefix
-    return MlpTargets(tuple(out), shape, frozenset(transposed))
+    return MlpTargets(tuple(out), shape)
 
 
 def mlp_construction(construction: Construction) -> Construction:
@@ -234,6 +237,6 @@ def build_mlp(model: nn.Module, config, mlp: MlpTargets, device: torch.device,
         parent_name, _, leaf = t.name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = AdaptedLinear(getattr(parent, leaf), adapter, construction.batch_index(t.proj_index, t.layer_index),
-                              config.scaling, config.dropout, transposed=t.proj in mlp.transposed)
+                              config.scaling, config.dropout, transposed=t.transposed)
         layers.append((t, parent, leaf, layer))
     return adapters, layers

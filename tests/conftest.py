@@ -48,3 +48,22 @@ def assert_projection_matches(adapted, module, dense, x):
 @pytest.fixture
 def bert():
     return tiny_bert()
+
+
+def export_randomized_as_peft(adapted, base, out, name: str):
+    """Fill ``adapted``'s adapters with seeded noise, save them, export them as a PEFT LoRA under
+    ``out/p/<name>`` and load that onto a fresh copy of the model saved at ``base``: the ``PeftModel``
+    and its directory."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from tenslora.export import export_adapter
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in adapted.adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    saved = adapted.save_adapter(out / "a" / name)
+    export_adapter(saved, "peft", out / "p" / name, model=str(base))
+    peft_model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base).eval(),
+                                           out / "p" / name)
+    return peft_model, out / "p" / name

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import tiny_bert
+from conftest import export_randomized_as_peft, tiny_bert
 from tenslora import CONSTRUCTIONS, TensLoRAConfig, get_adapted_model, load_adapted_model
 from tenslora.export import export_adapter
 from test_train_utils import run_cli
@@ -202,7 +202,6 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, base_dir, capsy
 def test_gqa_export_is_exact(tmp_path):
     """Grouped-query attention (K/V narrower than Q): every construction that supports it exports exactly."""
     from conftest import tiny_llama_gqa
-    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
     base = tmp_path / "llama"
     tiny_llama_gqa().save_pretrained(base)
@@ -215,15 +214,8 @@ def test_gqa_export_is_exact(tmp_path):
         except ValueError as exc:
             assert "grouped-query" in str(exc)  # the construction refuses GQA (older core)
             continue
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in adapted.adapters.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         name = f"{construction}-{factorization}"
-        saved = adapted.save_adapter(tmp_path / "a" / name)
-        export_adapter(saved, "peft", tmp_path / "p" / name, model=str(base))
-        peft_model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base).eval(),
-                                               tmp_path / "p" / name)
+        peft_model, _ = export_randomized_as_peft(adapted, base, tmp_path, name)
         with torch.no_grad():
             torch.testing.assert_close(peft_model(input_ids=ids).logits, adapted(input_ids=ids).logits,
                                        rtol=1e-5, atol=1e-5, msg=name)

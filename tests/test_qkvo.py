@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_bert
+from conftest import export_randomized_as_peft, tiny_bert
 from tenslora import CONSTRUCTIONS, TensLoRAConfig, get_adapted_model, load_adapted_model, predict_adapter_parameters
 from tenslora.constructions import get_construction
 from tenslora.fused import AdaptedFused
@@ -183,28 +183,18 @@ def test_heads_mode_lines_o_up_with_query_heads():
 
 @pytest.mark.parametrize("model_name", ["bert", "llama"])
 def test_peft_export_round_trips(model_name, tmp_path):
-    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
-
-    from tenslora.export import export_adapter
     base = tmp_path / "base"
     MODELS[model_name]().save_pretrained(base)
     for construction, factorization in [(c, "tucker") for c in CONSTRUCTIONS] + [("att_qkv_depth", "cp"),
                                                                                ("qkv_depth", "tt")]:
         config = TensLoRAConfig(construction, factorization, ranks=2, alpha=4.0, targets="qkvo")
         adapted = get_adapted_model(AutoModelForSequenceClassification.from_pretrained(base).eval(), config)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in adapted.adapters.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         name = f"{construction}-{factorization}"
-        saved = adapted.save_adapter(tmp_path / "a" / name)
-        export_adapter(saved, "peft", tmp_path / "p" / name, model=str(base))
-        peft_config = json.loads((tmp_path / "p" / name / "adapter_config.json").read_text())
+        peft_model, peft_dir = export_randomized_as_peft(adapted, base, tmp_path, name)
+        peft_config = json.loads((peft_dir / "adapter_config.json").read_text())
         assert O_NAMES[model_name] in peft_config["target_modules"] or any(
             m.endswith("." + O_NAMES[model_name]) for m in peft_config["target_modules"])
-        peft_model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base).eval(),
-                                               tmp_path / "p" / name)
         with torch.no_grad():
             torch.testing.assert_close(peft_model(input_ids=IDS).logits, adapted(input_ids=IDS).logits,
                                        rtol=1e-5, atol=1e-5, msg=name)
