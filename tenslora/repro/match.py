@@ -44,19 +44,34 @@ class Match:
         return self.parameters / self.target
 
 
-def _tucker_counts(layout: dict[str, dict[str, int]], grids: list) -> Any:
-    """Vectorised Tucker parameter counts for rank grids (one numpy array per mode, broadcastable)."""
+def _tucker_counts(layout: dict[str, dict[str, int]], grids: list, construction: str, mlp=None) -> Any:
+    """Vectorised Tucker parameter counts for rank grids (one numpy array per mode of ``layout``,
+    broadcastable); with ``mlp`` (an MLP shape, targets ``all-linear``) the MLP tensors' counts too, their
+    ranks taken as :func:`tenslora.mlp.mlp_ranks` takes them (the same-named mode's, else ``input``'s,
+    capped at the MLP mode's size)."""
     import numpy as np
 
     total = 0
     for sizes in layout.values():
         ds = list(sizes.values())
         total = total + sum(g * d for g, d in zip(grids, ds)) + np.prod(np.broadcast_arrays(*grids), axis=0)
+    if mlp is None:
+        return total
+    from tenslora.constructions import get_construction
+    from tenslora.layout import tensor_layout
+    from tenslora.mlp import mlp_construction
+
+    modes = list(next(iter(layout.values())))
+    for shape in mlp.by_stack().values():
+        for sizes in tensor_layout(mlp_construction(get_construction(construction)), shape).values():
+            ranks = [np.minimum(grids[modes.index(m if m in modes else "input")], d) for m, d in sizes.items()]
+            total = total + sum(r * d for r, d in zip(ranks, sizes.values())) \
+                + np.prod(np.broadcast_arrays(*ranks), axis=0)
     return total
 
 
 def match_ranks(construction: str, factorization: str, shape, target: int, *, tol: float = MATCH_TOL,
-                at_most: bool = False) -> Match:
+                at_most: bool = False, targets: str = "qkv", mlp=None) -> Match:
     """Ranks whose adapter has about ``target`` parameters, preferring balanced ranks.
 
     CP: the rank with the closest count. Tensor-train: one rank for every bond, each capped by what its
@@ -65,6 +80,8 @@ def match_ranks(construction: str, factorization: str, shape, target: int, *, to
     scored; among those within ``max(tol, best gap)`` of the target (relative), the most balanced one
     (smallest :func:`imbalance`) wins, ties by the smaller gap, then by the smaller count. ``at_most``:
     only counts <= target. The count is checked with :func:`tenslora.params.predict_adapter_parameters`.
+    ``targets`` and ``mlp``: an adapter on other layers than Q/K/V (``shape`` their attention shape, ``mlp``
+    the MLP's under ``all-linear``; :func:`tenslora.repro.spec.target_shapes`).
     """
     import numpy as np
 
@@ -79,9 +96,9 @@ def match_ranks(construction: str, factorization: str, shape, target: int, *, to
     n_tensors = len(layout)
 
     def count(ranks) -> int:
-        cfg = TensLoRAConfig(construction=construction, factorization=factorization,
+        cfg = TensLoRAConfig(construction=construction, factorization=factorization, targets=targets,
                              ranks=tuple(int(r) for r in ranks) if factorization == "tucker" else int(ranks[0]))
-        return predict_adapter_parameters(cfg, shape)
+        return predict_adapter_parameters(cfg, shape, mlp=mlp)
 
     if factorization == "cp":
         per_rank = count([1])
@@ -99,7 +116,7 @@ def match_ranks(construction: str, factorization: str, shape, target: int, *, to
         assert count([r]) == n
         return Match(construction, "cp", (r,), n, target)
     if factorization == "tt":
-        return _match_tt(construction, shape, target, at_most)
+        return _match_tt(construction, shape, target, at_most, targets, mlp)
     if factorization != "tucker":
         raise ValueError(f"factorization must be tucker, cp or tt, got {factorization!r}")
     limit = target * (1 + max(tol, 0.5))
@@ -110,7 +127,7 @@ def match_ranks(construction: str, factorization: str, shape, target: int, *, to
         cap = int((limit - n_tensors * others) // max(1, n_tensors * (d + 1))) + 1
         axes.append(np.arange(1, max(1, min(d, cap)) + 1, dtype=np.int64))
     grids = np.meshgrid(*axes, indexing="ij", sparse=True)
-    counts = np.asarray(_tucker_counts(layout, grids), dtype=np.float64)
+    counts = np.asarray(_tucker_counts(layout, grids, construction, mlp), dtype=np.float64)
     full = np.broadcast_arrays(*grids)
     prod_all = np.prod(full, axis=0)
     useful = np.ones(counts.shape, dtype=bool)
@@ -135,7 +152,7 @@ def match_ranks(construction: str, factorization: str, shape, target: int, *, to
     return Match(construction, "tucker", ranks, n, target)
 
 
-def _match_tt(construction: str, shape, target: int, at_most: bool) -> Match:
+def _match_tt(construction: str, shape, target: int, at_most: bool, targets: str = "qkv", mlp=None) -> Match:
     """One tensor-train rank for all bonds (capped per bond); the count closest to ``target``."""
     from tenslora.config import TensLoRAConfig
     from tenslora.layout import capped_config
@@ -143,8 +160,9 @@ def _match_tt(construction: str, shape, target: int, at_most: bool) -> Match:
 
     best, previous, r = None, None, 1
     while True:
-        cfg = capped_config(TensLoRAConfig(construction=construction, factorization="tt", ranks=r), shape)
-        n = predict_adapter_parameters(cfg, shape)
+        cfg = capped_config(TensLoRAConfig(construction=construction, factorization="tt", ranks=r, targets=targets),
+                            shape)
+        n = predict_adapter_parameters(cfg, shape, mlp=mlp)
         if n == previous or (at_most and n > target):
             break  # every bond capped, or over the target
         if best is None or abs(n - target) < abs(best[0] - target):

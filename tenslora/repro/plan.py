@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from tenslora.repro.match import format_matches, lora_count, match_ranks, matched_table
-from tenslora.repro.spec import STATIC_EXPERIMENTS, experiment_config, model_shape_for, scale_tasks, task_experiments
+from tenslora.repro.spec import (STATIC_EXPERIMENTS, TargetShapes, experiment_config, model_shape_for, scale_tasks,
+                                 target_shapes, task_experiments)
 
 
 def _key(entry: Mapping[str, Any]) -> str:
@@ -43,14 +44,26 @@ def tuning(config: dict, task: dict, experiments: Sequence[str], shape) -> dict[
     d = experiment_config(config, task, "D")
     budget = int(d.get("budget", 2))
     target = lora_count(shape, budget)
+    shapes: dict[str, TargetShapes] = {}
 
     def entry_of(label: str) -> dict[str, Any]:
-        if label.startswith("lora r="):
-            return {"construction": "lora", "ranks": label[len("lora r="):]}
-        c, _, f = label.partition("/")
+        """``lora r=K`` or ``<construction>/<tucker|cp|tt>``, optionally ``@<targets>`` (``qkvo``,
+        ``all-linear``: ranks matched to LoRA r=budget on the same modules)."""
+        method, _, targets = label.partition("@")
+        extra: dict[str, Any] = {"targets": targets} if targets else {}
+        if method.startswith("lora r="):
+            return {"construction": "lora", "ranks": method[len("lora r="):], **extra}
+        c, _, f = method.partition("/")
         if f not in ("tucker", "cp", "tt"):
-            raise ValueError(f"configuration {label!r} is not 'lora r=K' or '<construction>/<tucker|cp|tt>'")
-        return {"construction": c, "factorization": f, "ranks": match_ranks(c, f, shape, target).ranks_string}
+            raise ValueError(f"configuration {label!r} is not 'lora r=K' or '<construction>/<tucker|cp|tt>', "
+                             "optionally followed by '@<targets>'")
+        if not targets:
+            return {"construction": c, "factorization": f, "ranks": match_ranks(c, f, shape, target).ranks_string}
+        if targets not in shapes:
+            shapes[targets] = target_shapes(task["base"]["model"], task["kind"], targets)
+        on = shapes[targets]
+        m = match_ranks(c, f, on.shape, on.lora_per_rank * budget, targets=targets, mlp=on.mlp)
+        return {"construction": c, "factorization": f, "ranks": m.ranks_string, **extra}
 
     labels = [f"lora r={r}" for r in d.get("lora_ranks", [])] + list(d.get("configurations", [])) if "D" in exps else []
     out: dict[str, Any] = {"lrs": [float(x) for x in d["lrs"]], "grid_seed": int(d.get("grid_seed", 0)),

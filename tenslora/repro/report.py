@@ -349,6 +349,9 @@ def write_report(source: str | os.PathLike, out_md: str | os.PathLike, plots_dir
                                  f"({rec['parameters']:,}), reverse `{rec['reverse_ranks_string']}` "
                                  f"({rec['reverse_parameters']:,}); effective ranks: {tgt}")
                 sec.append("\n".join(lines) + "\n")
+        if not index.get("verdicts", True):  # a task that only adds arms to another task's comparison
+            sections.append("\n".join(sec))
+            continue
         v: dict[Any, tuple[str, str]] = dict(claim_verdicts(stats))
         v[6] = claim6_verdict(stats, effective)
         ran = set(tables["experiments"])

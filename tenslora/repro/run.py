@@ -100,7 +100,8 @@ def write_plan(config: dict, scale: str, item: dict, selection: dict | None) -> 
     index = {"scale": scale, "task": task["name"], "kind": task["kind"], "metric": task["metric"],
              "metrics": task.get("metrics") or [task["metric"]], "base": spec["base"],
              "experiments": list(item["experiments"]), "allocation": item["allocation"], "jobs": roles,
-             "claims_config": config["experiments"], "tuning": tuning_record}
+             "claims_config": config["experiments"], "tuning": tuning_record,
+             "verdicts": bool(task.get("verdicts", True))}
     _merge_index(tdir / INDEX_FILE, index)
     return {**item, "sweep_file": sweep_file, "spec": spec, "index": index}
 

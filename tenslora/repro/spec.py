@@ -3,6 +3,7 @@ shape of the models it names."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -47,6 +48,62 @@ def model_shape_for(model: str):
     if shape is None:
         raise ValueError(f"cannot tell the Q/K/V shape of {model!r}; add it to tenslora.repro.spec.KNOWN_SHAPES")
     return shape
+
+
+# a repro task kind -> the `tenslora train` model kind whose class the task builds
+MODEL_KINDS = {"text": "text", "vision": "image", "llm": "causal"}
+
+
+@dataclass(frozen=True)
+class TargetShapes:
+    """What a configuration with ``--targets`` adapts on a model: the attention targets' ``shape``, the
+    MLP members' ``mlp`` shape (``all-linear`` only) and PEFT LoRA's parameters per unit of rank on the
+    same modules (``lora_per_rank``; LoRA rank k has ``k * lora_per_rank``)."""
+
+    targets: str
+    shape: object
+    mlp: object = None
+    lora_per_rank: int = 0
+
+
+def meta_model(model: str, kind: str):
+    """The model a run of ``kind`` (a repro task kind) builds, on the meta device: no weights are read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tenslora.train.modeling import auto_class, load_model_config, resolve_model_name
+
+    config = load_model_config(resolve_model_name(model))
+    cls = AutoModelForCausalLM if MODEL_KINDS[kind] == "causal" else auto_class(MODEL_KINDS[kind])
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+def target_shapes(model: str, kind: str, targets: str = "qkv") -> TargetShapes:
+    """The shapes and LoRA count of ``targets`` (``qkv``, ``qkvo``, ``all-linear``) on ``model`` for a task
+    of ``kind``; Q/K/V of a model in :data:`KNOWN_SHAPES` without reading anything."""
+    from tenslora.constructions import TARGETS
+    from tenslora.params import lora_parameters
+
+    if targets not in TARGETS:
+        raise ValueError(f"targets {targets!r} are not allowed; allowed: {', '.join(TARGETS)}")
+    if targets == "qkv" and model in KNOWN_SHAPES:
+        shape = make_shape(*KNOWN_SHAPES[model])
+        return TargetShapes(targets, shape, None, lora_parameters(shape, 1))
+    from tenslora.lora import peft_all_linear
+    from tenslora.mlp import find_mlp_targets
+    from tenslora.targets import _widths, find_head_modules, model_shape, select_targets
+
+    net = meta_model(model, kind)
+    found = select_targets(net, targets)
+    shape = model_shape(net, found)
+    if targets == "all-linear":
+        names = set(peft_all_linear(net, find_head_modules(net)))
+        adapted = [m for path, m in net.named_modules() if path in names or path.rsplit(".", 1)[-1] in names]
+        return TargetShapes(targets, shape, find_mlp_targets(net, found).shape,
+                            sum(sum(_widths(m)) for m in adapted if _widths(m)))
+    modules = {t.name: net.get_submodule(t.name) for t in found}
+    return TargetShapes(targets, shape, None, sum(sum(_widths(m)) for m in modules.values()))
 
 
 def load_config(path: str | os.PathLike | None = None) -> dict:
