@@ -112,3 +112,17 @@ def test_a_targets_task_runs_its_arms_and_is_left_out_of_the_verdicts(tmp_path):
     assert set(res["verdicts"]) == {"fake-text"}
     summary = readme_summary(res, "docs/results.md")
     assert "fake-targets" not in summary and "fake-text" in summary
+
+
+def test_a_later_run_of_d_alone_keeps_e_in_the_index():
+    from tenslora.repro.spec import merge_index
+
+    layers = {"construction": "att_qkv_depth", "lr_from": "att_qkv_depth/tucker", "arms": {"4": "1_1_1_1_4"}}
+    first = {"experiments": ["D", "E"], "jobs": {"a": [{"experiment": "E"}]}, "allocation": None,
+             "tuning": {"tuned": ["x"], "layers": layers, "selection": {}}}
+    later = {"experiments": ["D"], "jobs": {"b": [{"experiment": "D"}]}, "allocation": None,
+             "tuning": {"tuned": ["x"], "layers": None, "selection": {"x": {"lr": 0.01}}}}
+    merged = merge_index(first, later)
+    assert merged["experiments"] == ["D", "E"] and set(merged["jobs"]) == {"a", "b"}
+    assert merged["tuning"]["layers"] == layers and merged["tuning"]["selection"] == {"x": {"lr": 0.01}}
+    assert merge_index(None, later) == later and merge_index(first, {**later, "tuning": None})["tuning"] == first["tuning"]

@@ -129,7 +129,8 @@ def experiment_config(config: dict, task: dict, exp: str) -> dict:
 
 def merge_index(old: dict | None, new: dict) -> dict:
     """A task's job index after a later ``run`` or ``collect`` adds jobs: roles merged per job, experiments
-    united, the allocation and the learning-rate tuning record kept unless the new index has them."""
+    united, the allocation and the learning-rate tuning record kept unless the new index has them (a run
+    of D alone keeps E's ``layers`` record of an earlier D and E run)."""
     if not old:
         return new
     jobs = {k: list(v) for k, v in old.get("jobs", {}).items()}
@@ -141,7 +142,13 @@ def merge_index(old: dict | None, new: dict) -> dict:
     return {**old, **new, "jobs": jobs,
             "experiments": sorted(set(old.get("experiments", [])) | set(new.get("experiments", []))),
             "allocation": new.get("allocation") or old.get("allocation"),
-            "tuning": new.get("tuning") or old.get("tuning")}
+            "tuning": _merge_tuning(old.get("tuning"), new.get("tuning"))}
+
+
+def _merge_tuning(old: dict | None, new: dict | None) -> dict | None:
+    if not old or not new:
+        return new or old
+    return {**old, **new, "layers": new.get("layers") or old.get("layers")}
 
 
 def scale_tasks(config: dict, scale: str, kinds: Iterable[str] = TASK_KINDS) -> list[dict]:
