@@ -55,17 +55,32 @@ class TensorAdapter(nn.Module):
                 name = f"columns_{p}"
                 self.register_buffer(name, torch.tensor(list(cols), dtype=torch.long), persistent=False)
             self._column_names.append(name)
-        self._grad: _Slices | None = None  # built with grad: serves its pass, and backward
-        self._no_grad: _Slices | None = None  # built without: serves no-grad calls, never evicts the other
-        self._pass_id = 0
-        self._open = False
+        # the cache's state is set on every forward: plain attributes (nn.Module.__setattr__ is slow)
+        object.__setattr__(self, "_grad", None)  # built with grad: serves its pass, and backward
+        object.__setattr__(self, "_no_grad", None)  # built without: serves no-grad calls, never evicts the other
+        object.__setattr__(self, "_pass_id", 0)
+        object.__setattr__(self, "_open", False)
+        object.__setattr__(self, "_parameter_dicts", None)
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the cache behind (it may hold non-leaf tensors of a graph)."""
-        return {**self.__dict__, "_grad": None, "_no_grad": None}
+        return {**self.__dict__, "_grad": None, "_no_grad": None, "_parameter_dicts": None}
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("_grad", "_no_grad", "_pass_id", "_open"):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def _key(self) -> tuple:
-        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.tensor.parameters())
+        """What the slices were computed from: every parameter's version and storage. Read from the
+        tensor's modules' own parameter dicts (a replaced parameter shows at once), not through the
+        slower ``parameters()`` walk: this runs twice per adapted projection and forward."""
+        dicts = self._parameter_dicts
+        if dicts is None:
+            dicts = [m._parameters for m in self.tensor.modules()]
+            object.__setattr__(self, "_parameter_dicts", dicts)
+        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for d in dicts for p in d.values() if p is not None)
 
     def _compute(self) -> _Slices:
         a, b = self.tensor.thin_pair(self.construction.col_modes, self.construction.batch_modes)

@@ -97,6 +97,36 @@ def test_optimizer_step_invalidates_the_cache():
     assert torch.allclose(dense, adapted.layer(0, "k_proj").delta_weight())
 
 
+@pytest.mark.parametrize("factorization", ["tucker", "cp", "tt"])
+def test_a_replaced_or_copied_parameter_invalidates_the_cache(factorization):
+    import copy
+
+    from tenslora.layer import AdaptedLinear
+
+    adapted = adapted_model("bert", "att_qkv_depth", factorization).eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        before = adapted(input_ids=ids).logits
+        clone = copy.deepcopy(adapted)  # the copy reads its own parameters, not the original's
+        for p in adapted.adapters.parameters():
+            p.mul_(0.5)  # in place: the versions change
+        halved = adapted(input_ids=ids).logits
+        assert not torch.allclose(before, halved)
+        assert torch.allclose(clone(input_ids=ids).logits, before, atol=1e-6)
+        tensor = next(iter(adapted.adapters.values())).tensor
+        holder = tensor.cores if factorization == "tt" else tensor.factors
+        name, old = next(iter(holder.items()))
+        holder[name] = nn.Parameter(torch.zeros_like(old))  # a new parameter object, same shape
+        assert not torch.allclose(adapted(input_ids=ids).logits, halved)
+        state = {k: torch.zeros_like(v) for k, v in adapted.adapters.state_dict().items()}
+        adapted.adapters.load_state_dict(state, assign=True)  # every parameter replaced: no update at all
+        zero = adapted(input_ids=ids).logits
+        for layer in adapted.modules():
+            if isinstance(layer, AdaptedLinear):
+                layer.disabled = True
+        assert torch.allclose(zero, adapted(input_ids=ids).logits, atol=1e-6)
+
+
 def count_computes(monkeypatch):
     calls = []
     original = TensorAdapter._compute
