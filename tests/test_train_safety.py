@@ -75,6 +75,10 @@ def test_finished_run_is_never_lost(tmp_path, capsys, data, finished, text_model
         assert snapshot(finished) == before, bad  # --overwrite removes nothing before the inputs are checked
     fails_cleanly(capsys, ["train", "--task", data, "--output-dir", finished, "--resume", "--overwrite"],
                   "--resume and --overwrite exclude each other")
+    line = fails_cleanly(capsys, ["train", "--task", data, "--output-dir", finished, "--overwrite", "--targets",
+                                  "all-linear", "--ranks", "auto", "--budget", "lora:2"],
+                         "--ranks auto allocates the attention tensors' ranks only")
+    assert "--targets qkv or qkvo" in line and snapshot(finished) == before
 
     _train(capsys, data, text_model, finished, "--overwrite", "--max-steps", "3")
     assert json.loads((finished / "summary.json").read_text())["steps"] == 3

@@ -123,6 +123,10 @@ class TrainConfig:
                              "run directory, --overwrite replaces it")
         if self.init_from and str(self.ranks).strip().lower() == "auto":
             raise ValueError("--init-from takes its ranks from the saved adapter; drop --ranks auto")
+        if self.targets == "all-linear" and str(self.ranks).strip().lower() == "auto":
+            raise ValueError("--ranks auto allocates the attention tensors' ranks only; with --targets all-linear the "
+                             "MLP tensors would go over the budget. Allowed: --ranks auto with --targets qkv or qkvo, "
+                             "or explicit --ranks with all-linear")
         self.mode_lr_dict()  # validate early
 
     # derived ------------------------------------------------------------------------------------
