@@ -165,7 +165,7 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, base_dir, capsy
     # layers missing from the LoRA; modules the construction cannot hold
     for name, kwargs, match in [("partial", {"layers_to_transform": [0, 1]}, "missing ['bert.encoder.layer.2"),
                                 ("mlp", {"target_modules": ["query", "key", "value", "dense"]},
-                                 "also adapts ['dense']"),
+                                 "also adapted ['bert.encoder.layer.0.intermediate.dense'"),  # MLP dense layers
                                 ("dora", {"use_dora": True}, "DoRA")]:
         kwargs.setdefault("target_modules", ["query", "key", "value"])
         peft_model = get_peft_model(base_model(base_dir), LoraConfig(r=2, **kwargs))
@@ -249,3 +249,40 @@ def test_grouped_query_attention(tmp_path):
                                        atol=1e-5)
     low = compress_lora(src, "qkv_depth", "tucker", "2", tmp_path / "low", model=str(base))["relative_error"]
     assert 0.05 < low < 1.0  # a real, reported error at low rank
+
+
+@pytest.mark.parametrize("construction,factorization,ranks", [
+    ("qkv_depth", "tucker", (3, 2, 4, 2)), ("att_qkv_depth", "tucker", (3, 2, 2, 4, 3)), ("att", "cp", 2),
+    ("att_qkv_depth", "tt", (3, 2, 2, 2))])
+def test_a_lora_with_the_output_projection_compresses_into_a_qkvo_tensor(tmp_path, base_dir, construction,  # noqa: F811
+                                                                          factorization, ranks):
+    """tenslora qkvo adapter -> exact PEFT export (Q, K, V and BERT's attention.output.dense) -> compress at
+    the same ranks: a qkvo adapter, error ~0, O's updates (entering the tensor transposed) recovered."""
+    config = TensLoRAConfig(construction, factorization, ranks=ranks, alpha=6.0, targets="qkvo")
+    adapted = get_adapted_model(base_model(base_dir), config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in adapted.adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        adapted.base_model.classifier.weight.normal_(generator=g)
+    adapted.eval()
+    export_adapter(adapted.save_adapter(tmp_path / "t"), "peft", tmp_path / "peft", model=str(base_dir))
+    report = compress_lora(tmp_path / "peft", construction, factorization, "_".join(map(str, np.atleast_1d(ranks))),
+                           tmp_path / "c", model=str(base_dir), iterations=500)
+    assert report["relative_error"] < 1e-4, report
+    back = load_adapted_model(base_model(base_dir), tmp_path / "c").eval()
+    assert back.adapter_config.targets == "qkvo"
+    for layer in range(3):
+        for proj in (*PROJS, "dense"):  # BERT's O: attention.output.dense
+            torch.testing.assert_close(back.delta_weight(layer, proj), adapted.delta_weight(layer, proj),
+                                       rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(logits(back), logits(adapted), rtol=1e-3, atol=1e-4)
+
+
+def test_a_lora_on_every_linear_layer_is_refused_in_one_line(tmp_path, base_dir):  # noqa: F811
+    lora = get_adapted_model(base_model(base_dir), TensLoRAConfig("lora", ranks=2, targets="all-linear"))
+    src = lora.save_adapter(tmp_path / "lora")
+    with pytest.raises(ValueError) as info:
+        compress_lora(src, "qkv_depth", "tucker", "2", tmp_path / "c", model=str(base_dir))
+    message = str(info.value)
+    assert "\n" not in message and "intermediate.dense" in message and not (tmp_path / "c").exists()

@@ -26,23 +26,27 @@ from tenslora.export.source import check_output, load_base, resolve_source, save
 from tenslora.layout import capped_config, column_index
 from tenslora.model import TensLoRAModel
 from tenslora.lora import LoraModel
-from tenslora.targets import SEPARATE_QKV, check_fingerprint, find_targets, model_shape
+from tenslora.targets import OUTPUT_NAMES, SEPARATE_QKV, check_fingerprint, model_shape, select_targets
 from tenslora.tensor.factorized import CP, TensorTrain, Tucker
 
 PEFT_PREFIX = "base_model.model."
 
 
 def lora_targets(names: set[str]) -> tuple[str, ...]:
-    """The projection leaf names a LoRA adapts, in their projection set's order; ValueError if it also
-    adapts other modules (e.g. MLP layers), which no construction holds."""
+    """The projection leaf names a LoRA adapts, in their projection set's order, with the attention output
+    projection's leaf fourth where it adapts one (``targets="qkvo"``; :data:`OUTPUT_NAMES`); ValueError if
+    it also adapts other modules (e.g. MLP layers), which no construction holds."""
     leaves = {n.rsplit(".", 1)[-1] for n in names}
     best = max(SEPARATE_QKV, key=lambda projections: len(leaves & set(projections)))
     if not leaves & set(best):
         return tuple(sorted(leaves))  # custom projection names: the grid check decides
-    if leaves - set(best):
-        raise ValueError(f"the LoRA also adapts {sorted(leaves - set(best))} besides the attention projections; "
-                         f"a construction holds only {', '.join(best)} (retrain the LoRA on those)")
-    return tuple(p for p in best if p in leaves)
+    others = leaves - set(best)
+    output = [leaf for leaf in OUTPUT_NAMES if leaf in others]
+    if others - set(output[:1]):
+        raise ValueError(f"the LoRA also adapts {sorted(others - set(output[:1]))} besides the attention projections; "
+                         f"a construction holds only {', '.join(best)} and the output projection (retrain the LoRA "
+                         "on those)")
+    return tuple(p for p in best if p in leaves) + tuple(output[:1])
 
 
 def lora_updates(peft_model, file_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,7 +67,8 @@ def stacked_tensors(adapted: TensLoRAModel, updates: dict[str, torch.Tensor], ta
     dense = {name: torch.zeros(a.tensor.shape, dtype=torch.float64) for name, a in adapted.adapters.items()}
     for t in targets:
         name = construction.group_key(t.proj, t.layer)
-        matrix = updates[t.name].T  # (d_in, d_out)
+        # (d_in, d_out) of the tensor's slice; O enters transposed: its slice is the update itself
+        matrix = updates[t.name] if t.transposed else updates[t.name].T
         columns = column_index(construction, adapted.shape, t.proj_index)
         if columns is not None:  # grouped-query attention: K/V fill their own columns, the others stay 0
             wide = matrix.new_zeros(matrix.shape[0], max(adapted.shape.d_out))
@@ -148,7 +153,8 @@ def compress_lora(src: str | Path, construction: str, factorization: str, ranks,
     peft_model = load_peft(copy.deepcopy(base), source.adapter_dir, source.model_path)
     updates = lora_updates(peft_model, tensors)
     target_modules = lora_targets(set(updates))
-    targets = find_targets(base, target_modules)
+    option = "qkvo" if len(target_modules) == 4 else "qkv"
+    targets = select_targets(base, option, target_modules)
     shape = model_shape(base, targets)  # every projection once in every layer
     missing, extra = {t.name for t in targets} - set(updates), set(updates) - {t.name for t in targets}
     if missing or extra:
@@ -159,7 +165,7 @@ def compress_lora(src: str | Path, construction: str, factorization: str, ranks,
         check_fingerprint(source.record["model"],
                           LoraModel.model_fingerprint(base, TensLoRAConfig.from_dict(source.record["config"])))
     heads = tuple(source.peft_config.get("modules_to_save") or ())
-    config = TensLoRAConfig(construction, factorization, ranks=ranks, seed=seed,
+    config = TensLoRAConfig(construction, factorization, ranks=ranks, seed=seed, targets=option,
                             dropout=float(source.peft_config.get("lora_dropout") or 0.0),
                             target_modules=target_modules, modules_to_save=heads)
     config = capped_config(config, shape)
