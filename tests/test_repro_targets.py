@@ -89,6 +89,7 @@ def test_a_targets_task_runs_its_arms_and_is_left_out_of_the_verdicts(tmp_path):
     cfg = _fake_config(tmp_path)
     task = cfg["scales"]["fake"]["tasks"]["text"][0]
     arms = {**copy.deepcopy(task), "name": "fake-targets", "experiments": ["D"], "verdicts": False,
+            "compare_with": "fake-text",
             "D": {"lora_ranks": [], "configurations": ["qkv_depth/tucker@qkvo", "lora r=2@all-linear"]}}
     cfg["scales"]["fake"]["tasks"]["text"].append(arms)
     root = tmp_path / "repro"
@@ -109,6 +110,13 @@ def test_a_targets_task_runs_its_arms_and_is_left_out_of_the_verdicts(tmp_path):
     section = md[start:md.find("\n## ", start + 1)]
     assert "| qkv_depth/tucker@qkvo |" in section and "| lora r=2@all-linear |" in section
     assert "Verdicts on the earlier claims" not in section
+    # each method next to its Q/K/V runs of fake-text (the fake trainer's test score at lr 1e-3: 0.45 for LoRA,
+    # 0.55 for a tensor, + 0.002 x seed)
+    table = section[section.index("### Targets compared"):]
+    for row in ("| qkv_depth/tucker | qkv | 0.001 |", "| qkv_depth/tucker | qkvo | 0.001 | 26_26_4_6 |",
+                "| lora r=2 | qkv | 0.001 | 2 |", "| lora r=2 | all-linear | 0.001 | 2 |"):
+        assert row in table, (row, table)
+    assert table.count("| 0.5520 ± 0.0020 |") == 2 and table.count("| 0.4520 ± 0.0020 |") == 2
     assert set(res["verdicts"]) == {"fake-text"}
     summary = readme_summary(res, "docs/results.md")
     assert "fake-targets" not in summary and "fake-text" in summary

@@ -196,6 +196,28 @@ def section_d(task: str, index: dict, data: dict, by_name: dict, metrics: Sequen
     return lines, plots
 
 
+def targets_comparison(task: str, other: str, tuned_rows: dict[str, dict[str, dict]], metric: str) -> str:
+    """A table of each method of ``task`` (labels ``<method>@<targets>``) next to the same method on Q/K/V,
+    D's phase-2 rows of ``other`` (the task it adds arms to: same base, options and seeds)."""
+    mine, theirs = tuned_rows.get(task, {}), tuned_rows.get(other, {})
+    methods = list(dict.fromkeys(label.partition("@")[0] for label in mine))
+    lines = [f"### Targets compared: each method on Q/K/V (`{other}`'s D runs) and on the targets of this task\n",
+             f"`{metric}`, mean ± std over seeds at each configuration's own tuned rate; ranks matched to PEFT LoRA "
+             "at the budget rank on the same modules.\n",
+             "| method | targets | lr (chosen) | ranks | adapter params | " + metric + " |", "|---|---|---|---|---|---|"]
+    for method in methods:
+        arms = [("qkv", theirs.get(method))] + [(label.partition("@")[2], row) for label, row in mine.items()
+                                                  if label.partition("@")[0] == method]
+        for targets, row in arms:
+            if row is None:
+                lines.append(f"| {method} | {targets} | - | - | - | not measured |")
+                continue
+            adapter = "-" if row["adapter"] is None else f"{row['adapter']:,.0f}"
+            lines.append(f"| {method} | {targets} | {row['lr']:g} | {row['ranks']} | {adapter} | "
+                         f"{_fmt_stat(row['stat'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def layers_effective_ranks(entries: list[dict], by_name: dict) -> dict[int, Stat]:
     """``{layers rank: Stat}`` of the layers mode's effective rank over each E arm's seeds."""
     out = {}
@@ -274,6 +296,8 @@ def write_report(source: str | os.PathLike, out_md: str | os.PathLike, plots_dir
     unplanned_total: dict[str, int] = {}
     sections: list[str] = []
     scales = sorted({i["scale"] for i in indexes.values()})
+    tuned_rows: dict[str, dict[str, dict]] = {}  # task -> D label -> its phase-2 row (for compare_with)
+    section_of: dict[str, int] = {}
     for task, index in indexes.items():
         task_runs = [r for r in runs if r["task"] == task]
         tables = task_tables(index, task_runs)
@@ -315,6 +339,10 @@ def write_report(source: str | os.PathLike, out_md: str | os.PathLike, plots_dir
             sec.append(f"{len(data['done'])} of {len(data['expected'])} jobs done"
                        + (f" (missing: {n_missing})" if n_missing else "") + ".\n")
             if exp == "D" and tune:
+                tuned_rows[task] = {e["role"]["label"]: {"stat": stat_of(e["group"], metric), "lr": e["role"]["lr"],
+                                                         "adapter": e["adapter"],
+                                                         "ranks": e["group"].options.get("ranks", "-")}
+                                    for e in entries if e["role"].get("phase") == "tuned"}
                 lines, ps = section_d(task, index, data, by_name, tables["metrics"], plots_dir, rel)
                 sec.extend(lines)
                 plots.extend(ps)
@@ -350,6 +378,7 @@ def write_report(source: str | os.PathLike, out_md: str | os.PathLike, plots_dir
                                  f"({rec['reverse_parameters']:,}); effective ranks: {tgt}")
                 sec.append("\n".join(lines) + "\n")
         if not index.get("verdicts", True):  # a task that only adds arms to another task's comparison
+            section_of[task] = len(sections)
             sections.append("\n".join(sec))
             continue
         v: dict[Any, tuple[str, str]] = dict(claim_verdicts(stats))
@@ -375,6 +404,10 @@ def write_report(source: str | os.PathLike, out_md: str | os.PathLike, plots_dir
             sec.append(f"- **Claim {num}{at}** ({desc}) — {sentence}")
         sec.append("")
         sections.append("\n".join(sec))
+    for task, i in section_of.items():
+        other = indexes[task].get("compare_with")
+        if other:
+            sections[i] += "\n" + targets_comparison(task, other, tuned_rows, indexes[task]["metric"])
     not_run = _not_run_sections(config, indexes)
     n_missing = sum(len(m) for m in missing_total.values()) + sum(unplanned_total.values())
     ran_exps = sorted({e for i in indexes.values() for e in i.get("experiments", [])})

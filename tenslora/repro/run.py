@@ -101,7 +101,7 @@ def write_plan(config: dict, scale: str, item: dict, selection: dict | None) -> 
              "metrics": task.get("metrics") or [task["metric"]], "base": spec["base"],
              "experiments": list(item["experiments"]), "allocation": item["allocation"], "jobs": roles,
              "claims_config": config["experiments"], "tuning": tuning_record,
-             "verdicts": bool(task.get("verdicts", True))}
+             "verdicts": bool(task.get("verdicts", True)), "compare_with": task.get("compare_with")}
     _merge_index(tdir / INDEX_FILE, index)
     return {**item, "sweep_file": sweep_file, "spec": spec, "index": index}
 
