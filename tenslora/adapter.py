@@ -69,8 +69,10 @@ class TensorAdapter(nn.Module):
     def __setattr__(self, name: str, value) -> None:
         if name in ("_grad", "_no_grad", "_pass_id", "_open"):
             object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+            return
+        super().__setattr__(name, value)
+        if name == "tensor":  # another tensor: read its parameters from now on
+            object.__setattr__(self, "_parameter_dicts", None)
 
     def _key(self) -> tuple:
         """What the slices were computed from: every parameter's version and storage. Read from the

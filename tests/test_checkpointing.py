@@ -99,32 +99,51 @@ def test_optimizer_step_invalidates_the_cache():
 
 @pytest.mark.parametrize("factorization", ["tucker", "cp", "tt"])
 def test_a_replaced_or_copied_parameter_invalidates_the_cache(factorization):
+    """Every model forward recomputes the slices; a call outside a pass (``base_model`` directly, as
+    ``generate()`` steps do) is served from the cache only while its key (the parameters' versions and
+    storages) still matches: after each change below it must equal a fresh pass."""
     import copy
 
     from tenslora.layer import AdaptedLinear
 
     adapted = adapted_model("bert", "att_qkv_depth", factorization).eval()
     ids, _ = batch()
+
+    def direct_then_fresh():
+        direct = adapted.base_model(input_ids=ids).logits  # first: from the cache if its key matches
+        fresh = adapted(input_ids=ids).logits  # a pass: slices recomputed
+        torch.testing.assert_close(direct, fresh)
+        return fresh
+
     with torch.no_grad():
-        before = adapted(input_ids=ids).logits
+        before = direct_then_fresh()
         clone = copy.deepcopy(adapted)  # the copy reads its own parameters, not the original's
         for p in adapted.adapters.parameters():
             p.mul_(0.5)  # in place: the versions change
-        halved = adapted(input_ids=ids).logits
+        halved = direct_then_fresh()
         assert not torch.allclose(before, halved)
-        assert torch.allclose(clone(input_ids=ids).logits, before, atol=1e-6)
-        tensor = next(iter(adapted.adapters.values())).tensor
-        holder = tensor.cores if factorization == "tt" else tensor.factors
+        torch.testing.assert_close(clone.base_model(input_ids=ids).logits, before)
+        adapter = next(iter(adapted.adapters.values()))
+        adapter.tensor = copy.deepcopy(adapter.tensor)  # a new tensor module, same values
+        torch.testing.assert_close(direct_then_fresh(), halved)
+        for p in adapter.tensor.parameters():  # the new module's parameters are the ones read
+            p.mul_(2.0)
+        doubled = direct_then_fresh()
+        assert not torch.allclose(doubled, halved)
+        holder = adapter.tensor.cores if factorization == "tt" else adapter.tensor.factors
         name, old = next(iter(holder.items()))
         holder[name] = nn.Parameter(torch.zeros_like(old))  # a new parameter object, same shape
-        assert not torch.allclose(adapted(input_ids=ids).logits, halved)
-        state = {k: torch.zeros_like(v) for k, v in adapted.adapters.state_dict().items()}
-        adapted.adapters.load_state_dict(state, assign=True)  # every parameter replaced: no update at all
-        zero = adapted(input_ids=ids).logits
+        assert not torch.allclose(direct_then_fresh(), doubled)
+        state = {k: torch.randn_like(v) for k, v in adapted.adapters.state_dict().items()}
+        adapted.adapters.load_state_dict(state, assign=True)  # every parameter replaced
+        direct_then_fresh()
+        for p in adapted.adapters.parameters():
+            p.zero_()
+        zero = direct_then_fresh()
         for layer in adapted.modules():
             if isinstance(layer, AdaptedLinear):
                 layer.disabled = True
-        assert torch.allclose(zero, adapted(input_ids=ids).logits, atol=1e-6)
+        torch.testing.assert_close(zero, adapted(input_ids=ids).logits)
 
 
 def count_computes(monkeypatch):
