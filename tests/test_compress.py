@@ -20,6 +20,20 @@ def lora_dir(tmp_path, base_dir, seed=0):  # noqa: F811
     return random_adapter(base_dir, "lora", "tucker", seed=seed).save_adapter(tmp_path / f"lora{seed}")
 
 
+def exported_as_peft(tmp_path, base_dir, config, seed):  # noqa: F811
+    """A tenslora adapter of ``config`` with random weights (head included), saved under ``tmp_path/t`` and
+    exported as a PEFT LoRA to ``tmp_path/peft``; returns the adapted model (eval mode)."""
+    adapted = get_adapted_model(base_model(base_dir), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapted.adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        adapted.base_model.classifier.weight.normal_(generator=g)
+    adapted.eval()
+    export_adapter(adapted.save_adapter(tmp_path / "t"), "peft", tmp_path / "peft", model=str(base_dir))
+    return adapted
+
+
 def reference_tensor(updates, construction, name, head_dim=8):
     """The dense tensor ``name`` built by hand from ``{(layer, proj): (d_in, d_out) update}``."""
     stack_q, stack_l = "qkv" in construction, "depth" in construction
@@ -62,16 +76,8 @@ def hosvd_error(t, ranks):
     ("qkv_depth", "cp", 2), ("att_qkv", "cp", 2), ("qkv_depth", "tt", (3, 2, 2)), ("att_qkv_depth", "tt", (3, 2, 2, 2))])
 def test_exactly_low_rank_tensor_is_recovered(tmp_path, base_dir, construction, factorization, ranks):  # noqa: F811
     """tenslora adapter -> exact PEFT export -> compress at the same ranks: error ~0, same outputs, same head."""
-    adapted = get_adapted_model(base_model(base_dir), TensLoRAConfig(construction, factorization, ranks=ranks,
-                                                                      alpha=6.0))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in adapted.adapters.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        adapted.base_model.classifier.weight.normal_(generator=g)
-    adapted.eval()
-    saved = adapted.save_adapter(tmp_path / "t")
-    export_adapter(saved, "peft", tmp_path / "peft", model=str(base_dir))
+    adapted = exported_as_peft(tmp_path, base_dir, TensLoRAConfig(construction, factorization, ranks=ranks,
+                                                                   alpha=6.0), seed=3)
     report = compress_lora(tmp_path / "peft", construction, factorization, "_".join(map(str, np.atleast_1d(ranks))),
                            tmp_path / "c", model=str(base_dir), iterations=500)
     assert report["relative_error"] < 1e-4, report
@@ -259,14 +265,7 @@ def test_a_lora_with_the_output_projection_compresses_into_a_qkvo_tensor(tmp_pat
     """tenslora qkvo adapter -> exact PEFT export (Q, K, V and BERT's attention.output.dense) -> compress at
     the same ranks: a qkvo adapter, error ~0, O's updates (entering the tensor transposed) recovered."""
     config = TensLoRAConfig(construction, factorization, ranks=ranks, alpha=6.0, targets="qkvo")
-    adapted = get_adapted_model(base_model(base_dir), config)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in adapted.adapters.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        adapted.base_model.classifier.weight.normal_(generator=g)
-    adapted.eval()
-    export_adapter(adapted.save_adapter(tmp_path / "t"), "peft", tmp_path / "peft", model=str(base_dir))
+    adapted = exported_as_peft(tmp_path, base_dir, config, seed=5)
     report = compress_lora(tmp_path / "peft", construction, factorization, "_".join(map(str, np.atleast_1d(ranks))),
                            tmp_path / "c", model=str(base_dir), iterations=500)
     assert report["relative_error"] < 1e-4, report
