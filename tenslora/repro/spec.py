@@ -102,8 +102,7 @@ def target_shapes(model: str, kind: str, targets: str = "qkv") -> TargetShapes:
         adapted = [m for path, m in net.named_modules() if path in names or path.rsplit(".", 1)[-1] in names]
         return TargetShapes(targets, shape, find_mlp_targets(net, found).shape,
                             sum(sum(_widths(m)) for m in adapted if _widths(m)))
-    modules = {t.name: net.get_submodule(t.name) for t in found}
-    return TargetShapes(targets, shape, None, sum(sum(_widths(m)) for m in modules.values()))
+    return TargetShapes(targets, shape, None, lora_parameters(shape, 1))
 
 
 def load_config(path: str | os.PathLike | None = None) -> dict:
