@@ -134,3 +134,45 @@ def test_a_later_run_of_d_alone_keeps_e_in_the_index():
     assert merged["experiments"] == ["D", "E"] and set(merged["jobs"]) == {"a", "b"}
     assert merged["tuning"]["layers"] == layers and merged["tuning"]["selection"] == {"x": {"lr": 0.01}}
     assert merge_index(None, later) == later and merge_index(first, {**later, "tuning": None})["tuning"] == first["tuning"]
+
+
+def test_fixed_rates_skip_the_grid_and_are_marked_as_given(tmp_path):
+    from test_repro_lrgrid import LRS, _fake_config
+
+    from tenslora.repro.run import SELECTION_FILE
+
+    cfg = _fake_config(tmp_path)
+    task = cfg["scales"]["fake"]["tasks"]["text"][0]
+    arms = {**copy.deepcopy(task), "name": "fake-targets", "experiments": ["D"], "verdicts": False,
+            "compare_with": "fake-text",
+            "D": {"lora_ranks": [], "configurations": ["qkv_depth/tucker@qkvo", "qkv_depth/tt"],
+                  "fixed_lrs": {"qkv_depth/tucker@qkvo": 0.01}}}
+    cfg["scales"]["fake"]["tasks"]["text"].append(arms)
+    root = tmp_path / "repro"
+    dry = run(cfg, "fake", ["D"], ["text"], root, dry_run=True)
+    # the given rate's seeds are known before any run; qkv_depth/tt still has its 3-rate grid
+    assert dry["fake-targets"] == {"jobs": 3 + 3, "phase-2 jobs after the selection": 2 * 3}
+    counts = run(cfg, "fake", ["D"], ["text"], root)
+    assert counts["fake-targets"]["done"] == 3 + 2 * 3 and not counts["fake-targets"]["failed"], counts
+    tdir = root / "fake-targets"
+    sel = json.loads((tdir / SELECTION_FILE).read_text())["configurations"]
+    assert set(sel) == {"qkv_depth/tt"}  # nothing was selected for the given rate
+    index = json.loads((tdir / INDEX_FILE).read_text())
+    lrs = {}
+    for name, roles in index["jobs"].items():
+        argv = json.loads((tdir / "sweep" / "runs" / name / "argv.json").read_text())
+        for role in roles:
+            lrs.setdefault((role["label"], role["phase"]), []).append(float(argv[argv.index("--lr") + 1]))
+    assert lrs[("qkv_depth/tucker@qkvo", "tuned")] == [0.01] * 3
+    assert ("qkv_depth/tucker@qkvo", "grid") not in lrs and sorted(lrs[("qkv_depth/tt", "grid")]) == LRS
+    out = tmp_path / "docs" / "results.md"
+    write_report(root, out, tmp_path / "docs" / "results")
+    md = out.read_text()
+    section = md[md.index("## fake-targets"):]
+    assert "Rates given, not tuned on this task" in section and "qkv_depth/tucker@qkvo (0.01)" in section
+    assert "| qkv_depth/tucker | qkvo | 0.01 (given) |" in section
+    assert "| qkv_depth/tt |" in section and "PARTIAL" not in md
+
+    arms["D"]["fixed_lrs"] = {"qkv_depth/cp": 0.01}
+    with pytest.raises(ValueError, match="fixed_lrs names 'qkv_depth/cp'"):
+        run(cfg, "fake", ["D"], ["text"], tmp_path / "other", dry_run=True)

@@ -37,7 +37,9 @@ def tuning(config: dict, task: dict, experiments: Sequence[str], shape) -> dict[
 
     D tunes every configuration it lists; E takes the rate tuned for its ``lr_from`` configuration
     (``<construction>/tucker`` by default), which is added to the grid when D does not list it.
-    ``tuned_options`` go into every D/E run, ``test_options`` into the reported (phase-2) runs only."""
+    ``tuned_options`` go into every D/E run, ``test_options`` into the reported (phase-2) runs only.
+    ``fixed_lrs`` (``{label: rate}``): configurations whose rate is given (tuned elsewhere, e.g. on the same
+    method's Q/K/V arm); they have no grid runs and go straight to phase 2 at that rate."""
     exps = task_experiments(task, experiments)
     if "D" not in exps and "E" not in exps:
         return None
@@ -66,8 +68,13 @@ def tuning(config: dict, task: dict, experiments: Sequence[str], shape) -> dict[
         return {"construction": c, "factorization": f, "ranks": m.ranks_string, **extra}
 
     labels = [f"lora r={r}" for r in d.get("lora_ranks", [])] + list(d.get("configurations", [])) if "D" in exps else []
+    fixed = {str(label): float(lr) for label, lr in (d.get("fixed_lrs") or {}).items()}
+    unknown = [label for label in fixed if label not in labels]
+    if unknown:
+        raise ValueError(f"D's fixed_lrs names {', '.join(map(repr, unknown))}, not among the task's D configurations "
+                         f"({', '.join(labels) or 'none'})")
     out: dict[str, Any] = {"lrs": [float(x) for x in d["lrs"]], "grid_seed": int(d.get("grid_seed", 0)),
-                           "budget": budget, "baseline": f"lora r={budget}", "tuned": list(labels),
+                           "fixed": fixed, "budget": budget, "baseline": f"lora r={budget}", "tuned": list(labels),
                            "tuned_options": dict(task.get("tuned_options") or {}),
                            "test_options": dict(task.get("test_options") or {}), "layers": None}
     if "E" in exps:
@@ -106,10 +113,13 @@ def plan_task(config: dict, task: dict, experiments: Sequence[str], shape,
     if tune is not None:
         opts, test_opts = tune["tuned_options"], tune["test_options"]
         for label, entry in tune["configs"].items():
+            if label in tune["fixed"]:
+                continue
             for lr in tune["lrs"]:
                 plan.add({**entry, **opts, "lr": lr, "seed": tune["grid_seed"]},
                          {"experiment": "D", "phase": "grid", "label": label, "lr": lr})
         chosen = {label: float(rec["lr"]) for label, rec in (selection or {}).items()}
+        chosen.update(tune["fixed"])
         for label in tune["tuned"]:
             if label in chosen:
                 plan.add({**tune["configs"][label], **opts, **test_opts, "lr": chosen[label]},

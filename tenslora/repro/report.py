@@ -141,7 +141,8 @@ def section_d(task: str, index: dict, data: dict, by_name: dict, metrics: Sequen
                                                                 for r in rs)]
     tuned_names = [n for n, rs in index["jobs"].items() if any(r["experiment"] == "D" and r.get("phase") == "tuned"
                                                                  for r in rs)]
-    unplanned = [label for label in tune["tuned"] if label not in stored]
+    fixed = tune.get("fixed") or {}
+    unplanned = [label for label in tune["tuned"] if label not in stored and label not in fixed]
     lines = [f"Phase 1 (grid, seed {tune['grid_seed']}, one run per rate): "
              f"{sum(n in by_name for n in grid_names)} of {len(grid_names)} runs done. Phase 2 ({len(tune['seeds'])} "
              f"seeds at the chosen rate): {sum(n in by_name for n in tuned_names)} of {len(tuned_names)} planned runs done"
@@ -162,8 +163,12 @@ def section_d(task: str, index: dict, data: dict, by_name: dict, metrics: Sequen
             cells.append(f"**{text}**" if chosen is not None and float(chosen) == lr else text)
         cells.append("-" if chosen is None else lr_key(chosen))
         rows.append("| " + " | ".join(cells) + " |")
-    lines.append(f"Grid: `{vmetric}` per learning rate (bold: the chosen rate).\n")
-    lines.append("\n".join(rows) + "\n")
+    if grid:
+        lines.append(f"Grid: `{vmetric}` per learning rate (bold: the chosen rate).\n")
+        lines.append("\n".join(rows) + "\n")
+    if fixed:
+        lines.append("**Rates given, not tuned on this task** (no grid runs; the configuration file says where each "
+                     "rate comes from): " + ", ".join(f"{label} ({lr_key(lr)})" for label, lr in fixed.items()) + ".\n")
     edge = edge_choices(stored, lrs)
     if edge:
         lines.append("**Chosen at the edge of the grid** (a better rate may lie beyond it, so these methods may "
@@ -186,7 +191,8 @@ def section_d(task: str, index: dict, data: dict, by_name: dict, metrics: Sequen
                                          e["role"]["label"]))
     lines.append(f"Phase 2: {len(tune['seeds'])} seeds at each configuration's chosen rate, test metrics at the "
                  "best-validation checkpoint.\n")
-    lines.append(_table(order, metrics, [("lr (chosen)", lambda e: lr_key(e["role"]["lr"])),
+    lines.append(_table(order, metrics, [("lr (chosen)", lambda e: lr_key(e["role"]["lr"])
+                                          + (" (given)" if e["role"]["label"] in fixed else "")),
                                          ("ranks", lambda e: e["group"].options.get("ranks", "-"))]))
     zero = index.get("zero_shot")
     if zero:
@@ -202,7 +208,8 @@ def targets_comparison(task: str, other: str, tuned_rows: dict[str, dict[str, di
     mine, theirs = tuned_rows.get(task, {}), tuned_rows.get(other, {})
     methods = list(dict.fromkeys(label.partition("@")[0] for label in mine))
     lines = [f"### Targets compared: each method on Q/K/V (`{other}`'s D runs) and on the targets of this task\n",
-             f"`{metric}`, mean ± std over seeds at each configuration's own tuned rate; ranks matched to PEFT LoRA "
+             f"`{metric}`, mean ± std over seeds at each configuration's own tuned rate (or its given rate, marked); "
+             "ranks matched to PEFT LoRA "
              "at the budget rank on the same modules.\n",
              "| method | targets | lr (chosen) | ranks | adapter params | " + metric + " |", "|---|---|---|---|---|---|"]
     for method in methods:
@@ -213,7 +220,8 @@ def targets_comparison(task: str, other: str, tuned_rows: dict[str, dict[str, di
                 lines.append(f"| {method} | {targets} | - | - | - | not measured |")
                 continue
             adapter = "-" if row["adapter"] is None else f"{row['adapter']:,.0f}"
-            lines.append(f"| {method} | {targets} | {row['lr']:g} | {row['ranks']} | {adapter} | "
+            lr = f"{row['lr']:g}" + (" (given)" if row.get("given") else "")
+            lines.append(f"| {method} | {targets} | {lr} | {row['ranks']} | {adapter} | "
                          f"{_fmt_stat(row['stat'])} |")
     return "\n".join(lines) + "\n"
 
@@ -309,7 +317,7 @@ def write_report(source: str | os.PathLike, out_md: str | os.PathLike, plots_dir
         tune = index.get("tuning")
         unplanned = 0
         if tune:  # phase-2 runs that cannot be named before their configuration is selected
-            stored = tune.get("selection") or {}
+            stored = {**(tune.get("selection") or {}), **(tune.get("fixed") or {})}
             layers = tune.get("layers")
             unplanned = len(tune["seeds"]) * (sum(label not in stored for label in tune["tuned"])
                                               + (len(layers["arms"]) if layers and layers["lr_from"] not in stored
@@ -340,6 +348,7 @@ def write_report(source: str | os.PathLike, out_md: str | os.PathLike, plots_dir
                        + (f" (missing: {n_missing})" if n_missing else "") + ".\n")
             if exp == "D" and tune:
                 tuned_rows[task] = {e["role"]["label"]: {"stat": stat_of(e["group"], metric), "lr": e["role"]["lr"],
+                                                         "given": e["role"]["label"] in (tune.get("fixed") or {}),
                                                          "adapter": e["adapter"],
                                                          "ranks": e["group"].options.get("ranks", "-")}
                                     for e in entries if e["role"].get("phase") == "tuned"}

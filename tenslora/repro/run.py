@@ -90,7 +90,9 @@ def write_plan(config: dict, scale: str, item: dict, selection: dict | None) -> 
         from tenslora.repro.select import validation_metric
 
         tuning_record = {"lrs": tune["lrs"], "grid_seed": tune["grid_seed"], "metric": validation_metric(task["metric"]),
-                         "baseline": tune["baseline"], "tuned": tune["tuned"], "grid": list(tune["configs"]),
+                         "baseline": tune["baseline"], "tuned": tune["tuned"],
+                         "grid": [label for label in tune["configs"] if label not in tune["fixed"]],
+                         "fixed": tune["fixed"],
                          "layers": None if tune["layers"] is None else
                          {"construction": tune["layers"]["construction"], "lr_from": tune["layers"]["lr_from"],
                           "arms": {str(r): e["ranks"] for r, e in tune["layers"]["arms"].items()}},
@@ -117,7 +119,7 @@ def select_task(item: dict) -> dict:
     metric = validation_metric(item["task"]["metric"])
     rows, _ = load_rows(item["dir"] / "sweep")
     done = {row["name"]: row["summary"] for row in rows}
-    grid: dict[str, dict[float, dict]] = {label: {} for label in tune["configs"]}
+    grid: dict[str, dict[float, dict]] = {label: {} for label in tune["configs"] if label not in tune["fixed"]}
     for name, roles in item["index"]["jobs"].items():
         for role in roles:
             if role["experiment"] == "D" and role.get("phase") == "grid" and name in done:
@@ -211,7 +213,8 @@ def run(config: dict, scale: str, experiments: Sequence[str], kinds: Sequence[st
             selection = select_task(item)
             item = write_plan(config, scale, item, selection)
             counts = _run_sweep(config, scale, item, slots, console)
-            missing = [label for label in item["tuning"]["configs"] if label not in selection]
+            missing = [label for label in item["tuning"]["configs"]
+                       if label not in selection and label not in item["tuning"]["fixed"]]
             if missing:
                 counts = {**counts, "not tuned (grid incomplete)": len(missing)}
         out[name] = counts
