@@ -1,3 +1,3 @@
-from tenslora.cli import main
+from tenslora.cli import entry
 
-main()
+entry()

@@ -26,9 +26,7 @@ app.command("allocate")(allocate_cli.allocate)
 
 
 def main() -> None:
-    """Console entry point: user mistakes become one line on stderr and exit code 2."""
-    from tenslora.train.memory import release_freed_memory
-    release_freed_memory()  # a process-wide malloc setting: set here, by the program, not by the library
+    """The command line in this process: user mistakes become one line on stderr and exit code 2."""
     try:
         app()
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
@@ -36,6 +34,24 @@ def main() -> None:
             raise
         print(f"error: {_message(exc)}", file=sys.stderr)
         sys.exit(2)
+
+
+def entry() -> None:
+    """The ``tenslora`` program (console script, ``python -m tenslora``): process-wide malloc settings,
+    set here by the program, never by the library, then :func:`main`. A model command first relaunches
+    itself on tcmalloc where it is installed (same pid; ``tenslora.train.memory.tcmalloc_relaunch``)."""
+    from tenslora.train.memory import release_freed_memory, tcmalloc_relaunch
+    try:
+        relaunch = tcmalloc_relaunch(sys.argv, dict(os.environ))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if relaunch is not None and sys.executable:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(relaunch[0][0], relaunch[0], relaunch[1])
+    release_freed_memory()
+    main()
 
 
 def _message(exc: Exception) -> str:

@@ -25,6 +25,7 @@ from tenslora.train import checkpoint as ckpt
 from tenslora.train.accel import cpu_time_s, peak_memory_mb, rng_state, seeded_rng, use_cpu
 from tenslora.train.config import TrainConfig
 from tenslora.train.evaluate import evaluate_loader
+from tenslora.train.memory import active_allocator
 from tenslora.train.metrics import is_better, majority_baseline
 from tenslora.train.rundir import SUMMARY
 from tenslora.train.session import Session, call, set_up
@@ -179,6 +180,7 @@ def _finish(s: Session, t_start: float, train_time: float, steps_run: int) -> di
         "steps_per_second": round(steps_run / train_time, 4) if train_time > 0 else None,
         "peak_memory_mb": round(peak_memory_mb(acc.device), 1),
         "cpu_time_s": round(cpu_time_s(), 1),  # this process, this session (not summed over resumes)
+        "allocator": active_allocator(),  # the malloc behind peak_memory_mb (tcmalloc when installed)
         "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
     }
     if run.problem_type == "classification":

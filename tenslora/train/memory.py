@@ -29,3 +29,65 @@ def release_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+
+
+ALLOCATOR_ENV = "TENSLORA_ALLOCATOR"
+ALLOCATORS = ("auto", "tcmalloc", "system")
+# the sub-commands that load a model and run batches through it (what fragments glibc's heap)
+MODEL_COMMANDS = frozenset({"train", "evaluate", "predict", "zero-shot", "allocate"})
+TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")  # gperftools (Debian: libtcmalloc-minimal4)
+# tcmalloc prints a line for every allocation above 1 GiB by default (an LLM's embedding matrix)
+QUIET_LARGE_ALLOCS = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 50)}
+
+
+def find_tcmalloc() -> str | None:
+    """The system's tcmalloc shared library (``libtcmalloc_minimal.so.4``), or None."""
+    import ctypes.util
+
+    for name in TCMALLOC_LIBRARIES:
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
+
+
+def tcmalloc_relaunch(argv: list[str], env: dict[str, str], find=find_tcmalloc) -> tuple[list[str], dict] | None:
+    """``(argv, env)`` to run this command again with tcmalloc preloaded, or None to run it as it is.
+
+    Why: with glibc's malloc a CPU training run's heap fragments (activation blocks of 2-4 MiB whose
+    sizes change with every batch length) and the peak RSS keeps growing; tcmalloc reuses them (the
+    default run: docs/benchmarks.md). Only ``MODEL_COMMANDS`` on Linux, when the library is installed,
+    ``TENSLORA_ALLOCATOR`` is ``auto`` (default) or ``tcmalloc``, and no malloc is preloaded already
+    (``LD_PRELOAD`` names tcmalloc or jemalloc: ours after the relaunch, or the user's). ``system``
+    keeps the C library's malloc. ``tcmalloc`` where the library is missing is an error."""
+    choice = env.get(ALLOCATOR_ENV, "auto")
+    if choice not in ALLOCATORS:
+        raise ValueError(f"{ALLOCATOR_ENV}={choice!r} is not one of {', '.join(ALLOCATORS)}")
+    command = next((a for a in argv[1:] if not a.startswith("-")), None)
+    preloaded = env.get("LD_PRELOAD", "")
+    if (choice == "system" or command not in MODEL_COMMANDS or not sys.platform.startswith("linux")
+            or "tcmalloc" in preloaded or "jemalloc" in preloaded):
+        return None
+    library = find()
+    if library is None:
+        if choice == "tcmalloc":
+            raise ValueError(f"{ALLOCATOR_ENV}=tcmalloc, but no tcmalloc library is installed (Debian/Ubuntu: "
+                             "apt-get install libtcmalloc-minimal4); unset it to use the C library's malloc")
+        return None
+    new_env = {**QUIET_LARGE_ALLOCS, **env, "LD_PRELOAD": " ".join(p for p in (library, preloaded) if p)}
+    program = argv[0]  # the console script again (its name shows in --help), else ``python -m tenslora``
+    start = [program] if os.path.isfile(program) and os.path.basename(program) != "__main__.py" else ["-m", "tenslora"]
+    return [sys.executable, *start, *argv[1:]], new_env
+
+
+def active_allocator() -> str:
+    """``tcmalloc``, ``jemalloc`` or ``system``: the malloc this process runs on (from its memory maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "system"
+    for name in ("tcmalloc", "jemalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "system"
