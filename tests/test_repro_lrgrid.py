@@ -104,8 +104,13 @@ def test_repro_file_plans_the_grid_then_the_tuned_runs():
     llm = scale_tasks(cfg, "cpu", ["llm"])[0]
     assert llm["name"] == "tweets-instruct" and llm["zero_shot"] and llm["experiments"] == ["D"]
     lt = tuning(cfg, llm, ["D", "E"], model_shape_for(llm["base"]["model"]))
-    assert lt["tuned"] == ["lora r=8", "qkv_depth/tucker", "att_qkv_depth/tucker"] and lt["layers"] is None
-    assert lt["baseline"] == "lora r=8" and lt["lrs"] == [1e-3, 3e-3, 1e-2]
+    assert lt["tuned"] == ["lora r=8", "qkv_depth/tucker", "att_qkv_depth/tucker", "qkv_depth/cp", "qkv_depth/tt"]
+    assert lt["baseline"] == "lora r=8" and lt["lrs"] == [1e-3, 3e-3, 1e-2] and lt["layers"] is None
+    # issue 16's CP and TT arms at given rates (no grid): Tucker's 3e-3 for TT, 3x it for CP
+    assert lt["fixed"] == {"qkv_depth/cp": 1e-2, "qkv_depth/tt": 3e-3}
+    plan = plan_task(cfg, llm, ["D"], model_shape_for(llm["base"]["model"]))
+    grid_labels = {role["label"] for roles in plan.roles.values() for role in roles if role.get("phase") == "grid"}
+    assert grid_labels == {"lora r=8", "qkv_depth/tucker", "att_qkv_depth/tucker"}
 
 
 def test_claim6_is_a_no_loss_claim():

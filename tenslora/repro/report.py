@@ -143,15 +143,19 @@ def section_d(task: str, index: dict, data: dict, by_name: dict, metrics: Sequen
                                                                  for r in rs)]
     fixed = tune.get("fixed") or {}
     unplanned = [label for label in tune["tuned"] if label not in stored and label not in fixed]
-    lines = [f"Phase 1 (grid, seed {tune['grid_seed']}, one run per rate): "
-             f"{sum(n in by_name for n in grid_names)} of {len(grid_names)} runs done. Phase 2 ({len(tune['seeds'])} "
-             f"seeds at the chosen rate): {sum(n in by_name for n in tuned_names)} of {len(tuned_names)} planned runs done"
-             + (f"; **{len(unplanned)} configuration(s) not selected yet** (grid incomplete): "
-                + ", ".join(unplanned) if unplanned else "") + ".\n",
-             f"The rate is chosen on **validation only**: `{vmetric}` at each grid run's best-validation checkpoint "
-             "(ties to the smaller rate); the test split is never read to choose. Evaluation sets: grid runs "
-             f"{_sizes([by_name[n] for n in grid_names if n in by_name])}; reported runs "
-             f"{_sizes([by_name[n] for n in tuned_names if n in by_name])}.\n"]
+    phase2 = (f"Phase 2 ({len(tune['seeds'])} seeds at the chosen rate): {sum(n in by_name for n in tuned_names)} "
+              f"of {len(tuned_names)} planned runs done")
+    reported = f"reported runs {_sizes([by_name[n] for n in tuned_names if n in by_name])}.\n"
+    if grid:
+        lines = [f"Phase 1 (grid, seed {tune['grid_seed']}, one run per rate): "
+                 f"{sum(n in by_name for n in grid_names)} of {len(grid_names)} runs done. " + phase2
+                 + (f"; **{len(unplanned)} configuration(s) not selected yet** (grid incomplete): "
+                    + ", ".join(unplanned) if unplanned else "") + ".\n",
+                 f"The rate is chosen on **validation only**: `{vmetric}` at each grid run's best-validation "
+                 "checkpoint (ties to the smaller rate); the test split is never read to choose. Evaluation sets: "
+                 f"grid runs {_sizes([by_name[n] for n in grid_names if n in by_name])}; " + reported]
+    else:
+        lines = [f"No grid: every rate is given. {phase2}.\n", "Evaluation sets: " + reported]
     cols = ["configuration", *(lr_key(lr) for lr in lrs), "chosen lr"]
     rows = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for label, runs in grid.items():
