@@ -18,7 +18,7 @@ $(BIN)/tenslora: pyproject.toml
 	# Fashion-MNIST from Debian (skipped without root or apt).
 	-test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; }
-	# tcmalloc: model commands run on it where it is installed (a lower peak RSS: docs/benchmarks.md).
+	# tcmalloc for TENSLORA_ALLOCATOR=tcmalloc (opt-in, docs/benchmarks.md) and its tests.
 	-/sbin/ldconfig -p | grep -q libtcmalloc_minimal || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4) >/dev/null; }
 	touch $(BIN)/tenslora

@@ -3,6 +3,7 @@ glibc's default keeps resident is returned once ``release_freed_memory`` has run
 import scikit-learn. Each process-level case runs in a fresh process."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -109,39 +110,41 @@ def test_a_classification_run_never_imports_sklearn(tmp_path, text_model):  # no
     assert out.stdout.split()[-1] == "none", out.stdout
 
 
-# -- tcmalloc: a model command relaunches itself with the library preloaded (the decision is a pure
+# -- tcmalloc (opt-in): a model command relaunches itself with the library preloaded (the decision is a pure
 # function; the library lookup is the faked edge, the real one runs where the library is installed) --------
+ON = {"TENSLORA_ALLOCATOR": "tcmalloc"}
+
 def test_a_model_command_relaunches_on_tcmalloc_and_only_once():
     from tenslora.train.memory import tcmalloc_relaunch
 
     found = lambda: "libtcmalloc_minimal.so.4"  # noqa: E731
-    argv, env = tcmalloc_relaunch(["tenslora", "train", "--max-steps", "3"], {"PATH": "/bin"}, find=found)
+    argv, env = tcmalloc_relaunch(["tenslora", "train", "--max-steps", "3"], {**ON, "PATH": "/bin"}, find=found)
     assert argv == [sys.executable, "-m", "tenslora", "train", "--max-steps", "3"]
     assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4" and env["PATH"] == "/bin"
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40  # no line per large allocation
     script = REPO / "tenslora" / "__main__.py"  # python -m tenslora: the module again; a console script: itself
-    assert tcmalloc_relaunch([str(script), "train"], {}, find=found)[0] == [sys.executable, "-m", "tenslora", "train"]
+    assert tcmalloc_relaunch([str(script), "train"], ON, find=found)[0] == [sys.executable, "-m", "tenslora", "train"]
     console = Path(sys.executable).with_name("tenslora")
     if console.is_file():
-        assert tcmalloc_relaunch([str(console), "train"], {}, find=found)[0] == [sys.executable, str(console), "train"]
+        assert tcmalloc_relaunch([str(console), "train"], ON, find=found)[0] == [sys.executable, str(console), "train"]
     # the user's own preload is kept (after ours); the relaunched process does not relaunch again
-    _, env2 = tcmalloc_relaunch(["tenslora", "predict"], {"LD_PRELOAD": "libfoo.so"}, find=found)
+    _, env2 = tcmalloc_relaunch(["tenslora", "predict"], {**ON, "LD_PRELOAD": "libfoo.so"}, find=found)
     assert env2["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libfoo.so"
     assert tcmalloc_relaunch(["tenslora", "train"], env, find=found) is None
-    assert tcmalloc_relaunch(["tenslora", "train"], {"LD_PRELOAD": "/x/libjemalloc.so.2"}, find=found) is None
+    assert tcmalloc_relaunch(["tenslora", "train"], {**ON, "LD_PRELOAD": "/x/libjemalloc.so.2"}, find=found) is None
 
 
 def test_relaunch_is_skipped_or_refused_as_documented():
     from tenslora.train.memory import tcmalloc_relaunch
 
     found, missing = (lambda: "libtcmalloc.so.4"), (lambda: None)
-    assert tcmalloc_relaunch(["tenslora", "sweep", "run", "s.yaml"], {}, find=found) is None  # not a model command
-    assert tcmalloc_relaunch(["tenslora", "--help"], {}, find=found) is None
+    assert tcmalloc_relaunch(["tenslora", "train"], {}, find=found) is None  # the default: the C library's malloc
     assert tcmalloc_relaunch(["tenslora", "train"], {"TENSLORA_ALLOCATOR": "system"}, find=found) is None
-    assert tcmalloc_relaunch(["tenslora", "train"], {}, find=missing) is None  # auto: glibc where it is missing
+    assert tcmalloc_relaunch(["tenslora", "sweep", "run", "s.yaml"], ON, find=found) is None  # not a model command
+    assert tcmalloc_relaunch(["tenslora", "--help"], ON, find=found) is None
     with pytest.raises(ValueError, match="no tcmalloc library is installed"):
-        tcmalloc_relaunch(["tenslora", "train"], {"TENSLORA_ALLOCATOR": "tcmalloc"}, find=missing)
-    with pytest.raises(ValueError, match="TENSLORA_ALLOCATOR='jemalloc' is not one of auto, tcmalloc, system"):
+        tcmalloc_relaunch(["tenslora", "train"], ON, find=missing)
+    with pytest.raises(ValueError, match="TENSLORA_ALLOCATOR='jemalloc' is not one of system, tcmalloc"):
         tcmalloc_relaunch(["tenslora", "train"], {"TENSLORA_ALLOCATOR": "jemalloc"}, find=found)
 
 
@@ -155,17 +158,18 @@ def test_a_bad_allocator_setting_is_one_line_and_exit_2():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD")
 def test_a_real_run_records_its_allocator(tmp_path, text_model):  # noqa: F811
-    """Where tcmalloc is installed (CI installs it), ``tenslora train`` runs on it and says so in its
-    summary; elsewhere it runs on the C library's malloc and says that."""
+    """By default ``tenslora train`` runs on the C library's malloc; with ``TENSLORA_ALLOCATOR=tcmalloc``
+    (where the library is installed: CI installs it) on tcmalloc. The summary says which."""
     from tenslora.train.memory import find_tcmalloc
 
     csv = write_csv(tmp_path / "t.csv", sentences(24))
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "TENSLORA_ALLOCATOR")}
     env["PYTHONPATH"] = str(REPO)
-    out = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "tenslora", "train", "--model", str(text_model), "--task", str(csv),
-                    "--max-steps", "2", "--batch-size", "4", "--eval-every", "2", "--construction", "qkv_depth",
-                    "--ranks", "2_2_2_2", "--no-progress", "--output-dir", str(out)], env=env, check=True,
-                   timeout=600, capture_output=True)
-    summary = __import__("json").loads((out / "summary.json").read_text())
-    assert summary["allocator"] == ("tcmalloc" if find_tcmalloc() else "system")
+    cases = [("system", {})] + ([("tcmalloc", ON)] if find_tcmalloc() else [])
+    for expected, extra in cases:
+        out = tmp_path / expected
+        subprocess.run([sys.executable, "-m", "tenslora", "train", "--model", str(text_model), "--task", str(csv),
+                        "--max-steps", "2", "--batch-size", "4", "--eval-every", "2", "--construction", "qkv_depth",
+                        "--ranks", "2_2_2_2", "--no-progress", "--output-dir", str(out)], env={**env, **extra},
+                       check=True, timeout=600, capture_output=True)
+        assert json.loads((out / "summary.json").read_text())["allocator"] == expected

@@ -38,8 +38,8 @@ def main() -> None:
 
 def entry() -> None:
     """The ``tenslora`` program (console script, ``python -m tenslora``): process-wide malloc settings,
-    set here by the program, never by the library, then :func:`main`. A model command first relaunches
-    itself on tcmalloc where it is installed (same pid; ``tenslora.train.memory.tcmalloc_relaunch``)."""
+    set here by the program, never by the library, then :func:`main`. With ``TENSLORA_ALLOCATOR=tcmalloc`` a
+    model command first relaunches itself on tcmalloc (same pid; ``tenslora.train.memory.tcmalloc_relaunch``)."""
     from tenslora.train.memory import release_freed_memory, tcmalloc_relaunch
     try:
         relaunch = tcmalloc_relaunch(sys.argv, dict(os.environ))

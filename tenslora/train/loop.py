@@ -180,7 +180,7 @@ def _finish(s: Session, t_start: float, train_time: float, steps_run: int) -> di
         "steps_per_second": round(steps_run / train_time, 4) if train_time > 0 else None,
         "peak_memory_mb": round(peak_memory_mb(acc.device), 1),
         "cpu_time_s": round(cpu_time_s(), 1),  # this process, this session (not summed over resumes)
-        "allocator": active_allocator(),  # the malloc behind peak_memory_mb (tcmalloc when installed)
+        "allocator": active_allocator(),  # the malloc behind peak_memory_mb (TENSLORA_ALLOCATOR)
         "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
     }
     if run.problem_type == "classification":
