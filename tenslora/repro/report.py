@@ -321,10 +321,10 @@ def write_report(source: str | os.PathLike, out_md: str | os.PathLike, plots_dir
         tune = index.get("tuning")
         unplanned = 0
         if tune:  # phase-2 runs that cannot be named before their configuration is selected
-            stored = {**(tune.get("selection") or {}), **(tune.get("fixed") or {})}
+            rated = set(tune.get("selection") or {}) | set(tune.get("fixed") or {})  # selected or given
             layers = tune.get("layers")
-            unplanned = len(tune["seeds"]) * (sum(label not in stored for label in tune["tuned"])
-                                              + (len(layers["arms"]) if layers and layers["lr_from"] not in stored
+            unplanned = len(tune["seeds"]) * (sum(label not in rated for label in tune["tuned"])
+                                              + (len(layers["arms"]) if layers and layers["lr_from"] not in rated
                                                  else 0))
         unplanned_total[task] = unplanned
         base = index.get("base", {})
