@@ -74,18 +74,26 @@ class TensorAdapter(nn.Module):
         if name == "tensor":  # another tensor: read its parameters from now on
             object.__setattr__(self, "_parameter_dicts", None)
 
-    def _key(self) -> tuple:
-        """What the slices were computed from: every parameter's version and storage. Read from the
-        tensor's modules' own parameter dicts (a replaced parameter shows at once), not through the
-        slower ``parameters()`` walk: this runs twice per adapted projection and forward."""
+    def _parameters_now(self) -> list[torch.Tensor]:
+        """The tensor's parameters, read from its modules' own parameter dicts (a replaced parameter
+        shows at once), not through the slower ``parameters()`` walk: this runs on every projection call."""
         dicts = self._parameter_dicts
         if dicts is None:
             dicts = [m._parameters for m in self.tensor.modules()]
             object.__setattr__(self, "_parameter_dicts", dicts)
-        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for d in dicts for p in d.values() if p is not None)
+        return [p for d in dicts for p in d.values() if p is not None]
 
-    def _compute(self) -> _Slices:
-        a, b = self.tensor.thin_pair(self.construction.col_modes, self.construction.batch_modes)
+    def _key(self) -> tuple:
+        """What the slices were computed from: every parameter's version and storage."""
+        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self._parameters_now())
+
+    @property
+    def stack_key(self) -> tuple:
+        """Adapters with equal keys compute their slices in one stacked contraction (:func:`compute_slices`)."""
+        return self.tensor.layout, self.construction, tuple((p.dtype, p.device) for p in self._parameters_now())
+
+    def _slices(self, a: torch.Tensor, b: torch.Tensor) -> _Slices:
+        """Every projection's slice of ``b (*d_batch, r, prod d_col)``, restricted to its columns."""
         if self.construction.qkv and any(self._column_names):  # qkv is the first batch mode
             per_proj = [b[p] if name is None else b[p].index_select(-1, getattr(self, name))
                         for p, name in enumerate(self._column_names)]
@@ -94,14 +102,18 @@ class TensorAdapter(nn.Module):
             slices = list(b.reshape(-1, *b.shape[-2:]).unbind(0))
         return _Slices(self._key(), self._pass_id, a, slices)
 
+    def _compute(self) -> _Slices:
+        return compute_slices([self])[0]
+
     def begin_pass(self) -> None:
         """Open a pass (one model forward): compute every slice now, outside any checkpointed block."""
-        self._pass_id += 1
-        self._open = True
+        begin_passes([self])
+
+    def _open_pass(self, slices: _Slices) -> None:
         if torch.is_grad_enabled():
-            self._grad = self._compute()
+            self._grad = slices
         else:
-            self._no_grad = self._compute()
+            self._no_grad = slices
 
     def end_pass(self) -> None:
         """Close the pass; the slices stay cached for a checkpointed recomputation in backward."""
@@ -136,3 +148,36 @@ class TensorAdapter(nn.Module):
             flat = flat * size + i
         entry = self._serve(flat)
         return entry.a, entry.slices[flat]
+
+
+def compute_slices(adapters: Sequence[TensorAdapter]) -> list[_Slices]:
+    """Every adapter's slices; adapters of one :attr:`~TensorAdapter.stack_key` (the per-layer tensors of
+    ``att``, ``qkv``, ``att_qkv``: hundreds on a deep model) in one stacked contraction, not one each."""
+    groups: dict[tuple, list[int]] = {}
+    for i, adapter in enumerate(adapters):
+        groups.setdefault(adapter.stack_key, []).append(i)
+    out: list[_Slices | None] = [None] * len(adapters)
+    for members in groups.values():
+        group = [adapters[i] for i in members]
+        construction = group[0].construction
+        a, b = type(group[0].tensor).stacked_thin_pair([m.tensor for m in group], construction.col_modes,
+                                                       construction.batch_modes)
+        if construction.qkv and any(group[0]._column_names):
+            slices = [m._slices(a_g, b_g) for m, a_g, b_g in zip(group, a, b.unbind(0))]
+        else:  # one unbind for the whole group: each member's slices are consecutive
+            flat = b.reshape(-1, *b.shape[-2:]).unbind(0)
+            n = len(flat) // len(group)
+            slices = [_Slices(m._key(), m._pass_id, a_g, list(flat[g * n:(g + 1) * n]))
+                      for g, (m, a_g) in enumerate(zip(group, a))]
+        for i, s in zip(members, slices):
+            out[i] = s
+    return out
+
+
+def begin_passes(adapters: Sequence[TensorAdapter]) -> None:
+    """Open a pass on every adapter (:meth:`TensorAdapter.begin_pass`), their slices computed together."""
+    for adapter in adapters:
+        adapter._pass_id += 1
+        adapter._open = True
+    for adapter, slices in zip(adapters, compute_slices(adapters)):
+        adapter._open_pass(slices)

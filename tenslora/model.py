@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tenslora.adapter import TensorAdapter
+from tenslora.adapter import TensorAdapter, begin_passes
 from tenslora.config import TensLoRAConfig, warn_ranks_above_sizes
 from tenslora.errors import DamagedFileError
 from tenslora.constructions import get_construction
@@ -285,8 +285,7 @@ class TensLoRAModel(AdaptedModel):
         """Compute every tensor's per-projection slices once for the enclosed forward."""
         active = not any(layer.merged for layer in self.layers.values())
         if active:
-            for adapter in self.adapters.values():
-                adapter.begin_pass()
+            begin_passes(list(self.adapters.values()))
         try:
             yield
         finally:

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import tiny_bert, tiny_llama_gqa
 from tenslora import CONSTRUCTIONS, TensLoRAConfig, get_adapted_model
-from tenslora.adapter import TensorAdapter
+from tenslora import adapter as adapter_module
 
 PAIRS = [(c, f) for c in CONSTRUCTIONS for f in ("tucker", "cp")]
 
@@ -147,13 +147,14 @@ def test_a_replaced_or_copied_parameter_invalidates_the_cache(factorization):
 
 
 def count_computes(monkeypatch):
+    """Every adapter whose slices are computed (stacked or alone), once per computation."""
     calls = []
-    original = TensorAdapter._compute
+    original = adapter_module.compute_slices
 
-    def counting(self):
-        calls.append(self)
-        return original(self)
-    monkeypatch.setattr(TensorAdapter, "_compute", counting)
+    def counting(adapters):
+        calls.extend(adapters)
+        return original(adapters)
+    monkeypatch.setattr(adapter_module, "compute_slices", counting)
     return calls
 
 
@@ -206,3 +207,50 @@ def test_no_grad_evaluation_between_forward_and_backward():
         adapted(input_ids=ids)
     loss.backward()
     assert_close(grads(adapted), grads(plain))
+
+
+@pytest.mark.parametrize("construction", ["att", "qkv", "att_qkv", "att_qkv_depth"])
+@pytest.mark.parametrize("factorization", ["tucker", "cp", "tt"])
+def test_same_layout_tensors_are_contracted_as_one_stack(construction, factorization, monkeypatch):
+    """The per-layer tensors (and the MLP's, all-linear) of one layout are contracted in one stacked call;
+    the loss and every gradient equal those of each tensor computed alone; a tensor cast to another
+    dtype is not stacked with the others."""
+    from tenslora.tensor.factorized import FACTORIZATIONS
+    model = tiny_llama_gqa()
+    adapted = get_adapted_model(model, TensLoRAConfig(construction, factorization, ranks=2, targets="all-linear"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapted.adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    adapted.train()
+    ids, labels = batch()
+    kind = FACTORIZATIONS[factorization]
+    original = kind.stacked_thin_pair.__func__
+    sizes = []
+
+    def counting(cls, tensors, *args):
+        sizes.append(len(tensors))
+        return original(cls, tensors, *args)
+    monkeypatch.setattr(kind, "stacked_thin_pair", classmethod(counting))
+    adapted(input_ids=ids, labels=labels).loss.backward()
+    stacked = grads(adapted)
+    layouts = {a.tensor.layout for a in adapted.adapters.values()}
+    assert sorted(sizes) == sorted(sum(a.tensor.layout == lay for a in adapted.adapters.values()) for lay in layouts)
+    if construction != "att_qkv_depth":  # per-layer tensors: fewer stacked calls than tensors
+        assert len(sizes) < len(adapted.adapters)
+    adapted.zero_grad()
+    alone = adapter_module.compute_slices
+    monkeypatch.setattr(adapter_module, "compute_slices",
+                        lambda adapters: [s for a in adapters for s in alone([a])])
+    sizes.clear()
+    adapted(input_ids=ids, labels=labels).loss.backward()
+    assert set(sizes) == {1}
+    for name, grad in grads(adapted).items():
+        assert torch.allclose(grad, stacked[name], atol=1e-5), name
+    monkeypatch.setattr(adapter_module, "compute_slices", alone)
+    first = next(iter(adapted.adapters.values()))
+    first.double()
+    sizes.clear()
+    with torch.no_grad():
+        adapted(input_ids=ids)
+    assert sizes.count(1) >= 1 and len(sizes) == len(layouts) + (construction != "att_qkv_depth")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tenslora.tensor import CP, Tucker, fold, khatri_rao, mode_dot, unfold
+from tenslora.tensor import CP, TensorTrain, Tucker, fold, khatri_rao, mode_dot, stacked_mode_dot, unfold
 
 MODES = ("input", "head_dim", "heads", "qkv", "layers")
 
@@ -85,3 +85,45 @@ def test_orthogonal_factors_have_orthonormal_columns():
 def test_unknown_init_is_rejected():
     with pytest.raises(ValueError, match="unknown init 'zeros'"):
         Tucker((4, 4), (2, 2), ("input", "output"), init="zeros")
+
+
+def test_stacked_mode_dot_is_each_members_mode_dot():
+    x, m = torch.randn(4, 3, 5, 2), torch.randn(4, 6, 5)
+    out = stacked_mode_dot(x, m, 1)
+    assert out.shape == (4, 3, 6, 2)
+    for g in range(4):
+        assert torch.allclose(out[g], mode_dot(x[g], m[g], 1), atol=1e-6)
+
+
+def test_khatri_rao_batches_leading_dims():
+    a, b = torch.randn(3, 4, 2), torch.randn(3, 5, 2)
+    kr = khatri_rao([a, b])
+    assert kr.shape == (3, 20, 2)
+    for g in range(3):
+        assert torch.equal(kr[g], khatri_rao([a[g], b[g]]))
+
+
+@pytest.mark.parametrize("cls,ranks", [(Tucker, (3, 2, 2, 2, 3)), (CP, 4), (TensorTrain, (3, 2, 4, 2))])
+@pytest.mark.parametrize("batch_modes", [("qkv", "layers"), ("layers",), ()])
+def test_stacked_thin_pair_equals_each_tensors_own_and_its_gradients(cls, ranks, batch_modes):
+    """Three tensors of one layout contracted as a stack: each member's (A, B) is its own thin pair, and
+    the gradients reach each member's parameters as if computed alone."""
+    modes = tuple(m for m in MODES if m in ("input", "head_dim", "heads", *batch_modes))
+    shape = tuple({"input": 6, "head_dim": 4, "heads": 3, "qkv": 2, "layers": 5}[m] for m in modes)
+    rank = ranks if cls is CP else ranks[:len(shape) - (cls is TensorTrain)]
+    tensors = [randomize(cls(shape, rank, modes), seed) for seed in range(3)]
+    a, b = cls.stacked_thin_pair(tensors, ("heads", "head_dim"), batch_modes)
+    assert b.shape[0] == 3
+    weights = torch.randn(b.shape, generator=torch.Generator().manual_seed(9))
+    (b * weights).sum().backward()
+    stacked_grads = [[p.grad.clone() for p in t.parameters() if p.grad is not None] for t in tensors]
+    for g, t in enumerate(tensors):
+        t.zero_grad()
+        a_alone, b_alone = t.thin_pair(("heads", "head_dim"), batch_modes)
+        assert a[g] is t.mode_parameters()["input"] or torch.equal(a[g], a_alone)
+        assert torch.allclose(b[g], b_alone, atol=1e-5)
+        (b_alone * weights[g]).sum().backward()
+        alone = [p.grad for p in t.parameters() if p.grad is not None]
+        assert len(alone) == len(stacked_grads[g]) > 0
+        for x, y in zip(stacked_grads[g], alone):
+            assert torch.allclose(x, y, atol=1e-4)

@@ -27,6 +27,14 @@ def mode_dot(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Ten
     return torch.movedim(out, 0, mode)
 
 
+def stacked_mode_dot(tensor: torch.Tensor, matrices: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-n product of every member of a stack, in one batched matmul: ``tensor (G, ...)``,
+    ``matrices (G, J, d_mode)``; ``mode`` counts within a member (dim ``mode + 1`` of ``tensor``)."""
+    moved = torch.movedim(tensor, mode + 1, -1)  # (G, ..., d_mode)
+    out = torch.bmm(moved.reshape(moved.shape[0], -1, moved.shape[-1]), matrices.transpose(1, 2))
+    return torch.movedim(out.reshape(*moved.shape[:-1], matrices.shape[1]), -1, mode + 1)
+
+
 def multi_mode_dot(tensor: torch.Tensor, matrices: Sequence[torch.Tensor | None],
                    modes: Sequence[int] | None = None) -> torch.Tensor:
     """Successive mode products; ``None`` entries leave their mode untouched."""
@@ -38,8 +46,9 @@ def multi_mode_dot(tensor: torch.Tensor, matrices: Sequence[torch.Tensor | None]
 
 
 def khatri_rao(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Column-wise Kronecker product of ``(d_i, R)`` matrices: ``(prod d_i, R)``, first index major."""
+    """Column-wise Kronecker product of ``(..., d_i, R)`` matrices: ``(..., prod d_i, R)``, first index
+    major; leading dims (a stack) are batched."""
     out = matrices[0]
     for matrix in matrices[1:]:
-        out = (out[:, None, :] * matrix[None, :, :]).reshape(-1, out.shape[1])
+        out = (out[..., :, None, :] * matrix[..., None, :, :]).reshape(*out.shape[:-2], -1, out.shape[-1])
     return out

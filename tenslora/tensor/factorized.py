@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tenslora.tensor.algebra import khatri_rao, mode_dot, multi_mode_dot
+from tenslora.tensor.algebra import khatri_rao, multi_mode_dot, stacked_mode_dot
 
 INITS = ("orthogonal", "kaiming_uniform", "normal")
 
@@ -36,6 +36,20 @@ def init_factor_(factor: torch.Tensor, init: str, generator: torch.Generator) ->
         else:
             raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
     return factor
+
+
+def _stacked(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(G, *shape)`` from ``G`` same-shaped tensors (a view when ``G == 1``)."""
+    return params[0].unsqueeze(0) if len(params) == 1 else torch.stack(list(params))
+
+
+def _pair_layout(chain: torch.Tensor, mode_names: Sequence[str], col_modes, batch_modes) -> torch.Tensor:
+    """``B (G, *d_batch, r, prod d_col)`` from ``chain (G, r, d_1, ..., d_{N-1})`` (dim ``i + 1``: mode ``i``
+    for ``i >= 1``, dim 1: the input mode's rank)."""
+    index = {m: i + 1 for i, m in enumerate(mode_names)}
+    order = [0] + [index[m] for m in batch_modes] + [1] + [index[m] for m in col_modes]
+    chain = chain.permute(order)
+    return chain.reshape(*chain.shape[:len(batch_modes) + 2], -1)
 
 
 class FactorizedTensor(nn.Module):
@@ -84,10 +98,23 @@ class FactorizedTensor(nn.Module):
         """The reconstructed tensor, shape ``self.shape`` (slow; for analysis and tests)."""
         raise NotImplementedError
 
+    @property
+    def layout(self) -> tuple:
+        """What tensors must share to be stacked by :meth:`stacked_thin_pair`: class, shape, ranks, modes."""
+        return type(self), self.shape, self.ranks, self.mode_names
+
     def thin_pair(self, col_modes: Sequence[str], batch_modes: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` with ``A: (d_input, r)`` and ``B: (*d_batch, r, prod d_col)`` such that, for each
         batch index ``b``, ``A @ B[b]`` equals the tensor sliced at ``b`` with the column modes
         merged in the order given (first mode major). Never builds the full tensor."""
+        a, b = self.stacked_thin_pair([self], col_modes, batch_modes)
+        return a[0], b[0]
+
+    @classmethod
+    def stacked_thin_pair(cls, tensors: Sequence["FactorizedTensor"], col_modes: Sequence[str],
+                          batch_modes: Sequence[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """:meth:`thin_pair` of ``G`` tensors of one :attr:`layout` in one batched contraction (a stack
+        of parameters, not a loop): ``([A_g (d_input, r)], B (G, *d_batch, r, prod d_col))``."""
         raise NotImplementedError
 
     def num_parameters(self) -> int:
@@ -131,16 +158,13 @@ class Tucker(FactorizedTensor):
     def full(self) -> torch.Tensor:
         return multi_mode_dot(self.core, [self.factors[m] for m in self.mode_names])
 
-    def thin_pair(self, col_modes, batch_modes):
-        index = {m: i for i, m in enumerate(self.mode_names)}
-        small = self.core
+    @classmethod
+    def stacked_thin_pair(cls, tensors, col_modes, batch_modes):
+        names = tensors[0].mode_names
+        small = _stacked([t.core for t in tensors])  # (G, r_1, ..., r_N)
         for mode in (*batch_modes, *col_modes):  # batch modes first: they shrink nothing but stay tiny
-            small = mode_dot(small, self.factors[mode], index[mode])
-        order = [index[m] for m in batch_modes] + [0] + [index[m] for m in col_modes]
-        small = small.permute(order)
-        n_batch = len(batch_modes)
-        b = small.reshape(*small.shape[:n_batch + 1], -1)
-        return self.factors[self.mode_names[0]], b
+            small = stacked_mode_dot(small, _stacked([t.factors[mode] for t in tensors]), names.index(mode))
+        return [t.factors[names[0]] for t in tensors], _pair_layout(small, names, col_modes, batch_modes)
 
 
 class CP(FactorizedTensor):
@@ -174,13 +198,21 @@ class CP(FactorizedTensor):
         kr = khatri_rao([self.factors[m] for m in self.mode_names])  # (prod d, R)
         return kr.sum(dim=1).reshape(self.shape)
 
-    def thin_pair(self, col_modes, batch_modes):
-        weights = None  # outer over batch indices, Hadamard over r: (*d_batch, R); none: all ones
+    @classmethod
+    def stacked_thin_pair(cls, tensors, col_modes, batch_modes):
+        def stacked(mode: str) -> torch.Tensor:  # (G, d_mode, R)
+            return _stacked([t.factors[mode] for t in tensors])
+
+        def spread(x: torch.Tensor, n: int) -> torch.Tensor:  # (G, a, b) -> (G, 1 (n times), a, b)
+            return x.reshape(x.shape[0], *(1,) * n, *x.shape[1:])
+
+        weights = None  # outer over batch indices, Hadamard over r: (G, *d_batch, R); none: all ones
         for mode in batch_modes:
-            factor = self.factors[mode]
-            weights = factor if weights is None else weights[..., None, :] * factor
-        cols = khatri_rao([self.factors[m] for m in col_modes]).T  # (R, prod d_col)
-        return self.factors[self.mode_names[0]], cols if weights is None else weights[..., :, None] * cols
+            factor = stacked(mode)
+            weights = factor if weights is None else weights[..., None, :] * spread(factor, weights.dim() - 2)
+        cols = khatri_rao([stacked(m) for m in col_modes]).transpose(-1, -2)  # (G, R, prod d_col)
+        b = cols if weights is None else weights[..., :, None] * spread(cols, weights.dim() - 2)
+        return [t.factors[tensors[0].mode_names[0]] for t in tensors], b
 
 
 class TensorTrain(FactorizedTensor):
@@ -240,25 +272,25 @@ class TensorTrain(FactorizedTensor):
     def mode_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.cores)
 
-    def _right_chain(self) -> torch.Tensor:
-        """The cores after the input one contracted: ``(r_1, d_2, ..., d_N)`` (as many entries as ``B``)."""
-        cores = [self.cores[m] for m in self.mode_names]
-        out = cores[-1].reshape(cores[-1].shape[0], -1)  # (r_{N-1}, d_N)
-        for core in reversed(cores[1:-1]):  # (r_{k-1} d_k, r_k) @ (r_k, rest)
-            out = core.reshape(-1, core.shape[2]) @ out.reshape(core.shape[2], -1)
-        return out.reshape(cores[1].shape[0], *self.shape[1:])
+    @staticmethod
+    def _right_chains(tensors: Sequence["TensorTrain"]) -> torch.Tensor:
+        """The cores after the input one contracted, per tensor: ``(G, r_1, d_2, ..., d_N)``."""
+        first, g = tensors[0], len(tensors)
+        cores = [_stacked([t.cores[m] for t in tensors]) for m in first.mode_names]  # (G, r_{k-1}, d_k, r_k)
+        out = cores[-1].reshape(g, cores[-1].shape[1], -1)  # (G, r_{N-1}, d_N)
+        for core in reversed(cores[1:-1]):  # (r_{k-1} d_k, r_k) @ (r_k, rest), per tensor
+            out = torch.bmm(core.reshape(g, -1, core.shape[3]), out.reshape(g, core.shape[3], -1))
+        return out.reshape(g, cores[1].shape[1], *first.shape[1:])
 
     def full(self) -> torch.Tensor:
         a = self.cores[self.mode_names[0]].reshape(self.shape[0], -1)
-        return (a @ self._right_chain().reshape(a.shape[1], -1)).reshape(self.shape)
+        return (a @ self._right_chains([self])[0].reshape(a.shape[1], -1)).reshape(self.shape)
 
-    def thin_pair(self, col_modes, batch_modes):
-        index = {m: i for i, m in enumerate(self.mode_names)}
-        chain = self._right_chain()  # dim 0: r_1, dim i: mode i (i >= 1), whatever the modes' order
-        order = [index[m] for m in batch_modes] + [0] + [index[m] for m in col_modes]
-        chain = chain.permute(order)
-        b = chain.reshape(*chain.shape[:len(batch_modes) + 1], -1)
-        return self.cores[self.mode_names[0]].reshape(self.shape[0], -1), b
+    @classmethod
+    def stacked_thin_pair(cls, tensors, col_modes, batch_modes):
+        first = tensors[0]
+        b = _pair_layout(cls._right_chains(tensors), first.mode_names, col_modes, batch_modes)
+        return [t.cores[first.mode_names[0]].reshape(first.shape[0], -1) for t in tensors], b
 
 
 FACTORIZATIONS: dict[str, type[FactorizedTensor]] = {"tucker": Tucker, "cp": CP, "tt": TensorTrain}
