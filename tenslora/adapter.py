@@ -61,6 +61,7 @@ class TensorAdapter(nn.Module):
         object.__setattr__(self, "_pass_id", 0)
         object.__setattr__(self, "_open", False)
         object.__setattr__(self, "_parameter_dicts", None)
+        object.__setattr__(self, "_flat", {})  # batch index -> position of its slice
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the cache behind (it may hold non-leaf tensors of a graph)."""
@@ -71,8 +72,9 @@ class TensorAdapter(nn.Module):
             object.__setattr__(self, name, value)
             return
         super().__setattr__(name, value)
-        if name == "tensor":  # another tensor: read its parameters from now on
+        if name == "tensor":  # another tensor: read its parameters and shape from now on
             object.__setattr__(self, "_parameter_dicts", None)
+            object.__setattr__(self, "_flat", {})
 
     def _parameters_now(self) -> list[torch.Tensor]:
         """The tensor's parameters, read from its modules' own parameter dicts (a replaced parameter
@@ -120,18 +122,19 @@ class TensorAdapter(nn.Module):
         self._open = False
 
     def _serve(self, flat: int) -> _Slices:
+        grad = torch.is_grad_enabled()
+        cache = self._grad
+        if grad and self._open and cache is not None and cache.pass_id == self._pass_id:
+            cache.served_with_grad.add(flat)  # the pass's own slices (no parameter changes inside one forward)
+            return cache
         key = self._key()
-        if not torch.is_grad_enabled():
+        if not grad:
             for cache in (self._no_grad, self._grad):
                 if cache is not None and cache.key == key:
                     return cache
             self._no_grad = self._compute()
             return self._no_grad
-        cache = self._grad
         if cache is not None and cache.key == key:
-            if self._open and cache.pass_id == self._pass_id:
-                cache.served_with_grad.add(flat)
-                return cache
             if _in_backward() and flat in cache.served_with_grad:
                 return cache
         if not self._open:
@@ -142,10 +145,13 @@ class TensorAdapter(nn.Module):
 
     def pair(self, batch_index: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A (d_in, r), B (r, d_out_p))`` for the projection at ``batch_index``."""
-        shape = dict(zip(self.tensor.mode_names, self.tensor.shape))
-        flat = 0
-        for i, size in zip(batch_index, (shape[m] for m in self.construction.batch_modes)):
-            flat = flat * size + i
+        flat = self._flat.get(batch_index)
+        if flat is None:
+            shape = dict(zip(self.tensor.mode_names, self.tensor.shape))
+            flat = 0
+            for i, size in zip(batch_index, (shape[m] for m in self.construction.batch_modes)):
+                flat = flat * size + i
+            self._flat[batch_index] = flat
         entry = self._serve(flat)
         return entry.a, entry.slices[flat]
 
