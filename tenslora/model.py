@@ -283,10 +283,9 @@ class TensLoRAModel(AdaptedModel):
     @contextlib.contextmanager
     def adapter_pass(self):
         """Compute every tensor's per-projection slices once for the enclosed forward."""
-        active = not any(layer.merged for layer in self.layers.values())
-        if active:
-            begin_passes(list(self.adapters.values()))
         try:
+            if not any(layer.merged for layer in self.layers.values()):
+                begin_passes(list(self.adapters.values()))
             yield
         finally:
             for adapter in self.adapters.values():
