@@ -13,13 +13,9 @@ Prints the RSS before the step and the process's peak. ``--attention-dropout`` o
 from __future__ import annotations
 
 import argparse
-import resource
 import warnings
 
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+from memory import peak_mb, rss_mb  # benchmarks/memory.py
 
 
 def batch_lengths(steps: int = 300, batch: int = 32, seed: int = 0) -> None:
@@ -60,11 +56,11 @@ def one_step(length: int, attention_dropout: float | None) -> None:
     model = get_adapted_model(model, TensLoRAConfig(construction="qkv_depth", ranks=(8, 8, 3, 6))).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     ids = torch.randint(1000, 2000, (32, length), generator=torch.Generator().manual_seed(0))
-    before = max(rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    before = max(rss_mb(), peak_mb())
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.zeros(32, dtype=torch.long))
     out.loss.backward()
     optimizer.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb()
     print(f"length {length}, attention dropout {model.base_model.config.attention_probs_dropout_prob}: "
           f"{before:.0f} MB before the step, peak {peak:.0f} MB, the step adds {peak - before:.0f} MB")
 

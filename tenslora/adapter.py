@@ -94,15 +94,12 @@ class TensorAdapter(nn.Module):
         """Adapters with equal keys compute their slices in one stacked contraction (:func:`compute_slices`)."""
         return self.tensor.layout, self.construction, tuple((p.dtype, p.device) for p in self._parameters_now())
 
-    def _slices(self, a: torch.Tensor, b: torch.Tensor) -> _Slices:
-        """Every projection's slice of ``b (*d_batch, r, prod d_col)``, restricted to its columns."""
-        if self.construction.qkv and any(self._column_names):  # qkv is the first batch mode
-            per_proj = [b[p] if name is None else b[p].index_select(-1, getattr(self, name))
-                        for p, name in enumerate(self._column_names)]
-            slices = [s for bp in per_proj for s in bp.reshape(-1, *bp.shape[-2:]).unbind(0)]
-        else:
-            slices = list(b.reshape(-1, *b.shape[-2:]).unbind(0))
-        return _Slices(self._key(), self._pass_id, a, slices)
+    def _column_slices(self, b: torch.Tensor) -> list[torch.Tensor]:
+        """Every projection's slice of ``b (n_proj, *d_batch, r, prod d_col)`` (qkv is the first batch mode),
+        restricted to the columns it reads."""
+        per_proj = [b[p] if name is None else b[p].index_select(-1, getattr(self, name))
+                    for p, name in enumerate(self._column_names)]
+        return [s for bp in per_proj for s in bp.reshape(-1, *bp.shape[-2:]).unbind(0)]
 
     def _compute(self) -> _Slices:
         return compute_slices([self])[0]
@@ -169,14 +166,13 @@ def compute_slices(adapters: Sequence[TensorAdapter]) -> list[_Slices]:
         a, b = type(group[0].tensor).stacked_thin_pair([m.tensor for m in group], construction.col_modes,
                                                        construction.batch_modes)
         if construction.qkv and any(group[0]._column_names):
-            slices = [m._slices(a_g, b_g) for m, a_g, b_g in zip(group, a, b.unbind(0))]
+            per_member = [m._column_slices(b_g) for m, b_g in zip(group, b.unbind(0))]
         else:  # one unbind for the whole group: each member's slices are consecutive
             flat = b.reshape(-1, *b.shape[-2:]).unbind(0)
             n = len(flat) // len(group)
-            slices = [_Slices(m._key(), m._pass_id, a_g, list(flat[g * n:(g + 1) * n]))
-                      for g, (m, a_g) in enumerate(zip(group, a))]
-        for i, s in zip(members, slices):
-            out[i] = s
+            per_member = [list(flat[g * n:(g + 1) * n]) for g in range(len(group))]
+        for i, m, a_g, slices in zip(members, group, a, per_member):
+            out[i] = _Slices(m._key(), m._pass_id, a_g, slices)
     return out
 
 
